@@ -1,0 +1,137 @@
+"""Files: atomic writes, model files (safetensors + JSON config) and training checkpoints.
+
+Nothing here unpickles: weights are safetensors, settings and counters are JSON. Every
+write goes to a temporary file in the target's folder and is renamed into place, so a
+crash never leaves a half-written file behind (that DVC would then cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.json"
+FORMAT_VERSION = 1
+
+
+class FileFormatError(ValueError):
+    """A file that is missing, corrupt or not what it claims to be; the message names it."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON (stable bytes for DVC), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a missing or malformed file is a :class:`FileFormatError`."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileFormatError(f"{p}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileFormatError(f"{p}: not valid JSON ({exc})") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], meta: dict) -> None:
+    """Arrays to a safetensors file with ``meta`` as JSON in its header, atomically."""
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(arrays, str(tmp), metadata={"saeflow": json.dumps(meta, sort_keys=True)})
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a file written by :func:`save_tensors`: (arrays, meta). Never unpickles."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileFormatError(f"{p}: file not found")
+    try:
+        with safe_open(str(p), framework="numpy") as fh:
+            raw_meta = (fh.metadata() or {}).get("saeflow")
+            arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FileFormatError(f"{p}: not a readable safetensors file ({exc})") from None
+    if raw_meta is None:
+        raise FileFormatError(f"{p}: safetensors file without saeflow metadata")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(f"{p}: corrupt saeflow metadata ({exc})") from None
+    return arrays, meta
+
+
+def save_model(directory: str | os.PathLike, arrays: dict[str, np.ndarray], config: dict) -> None:
+    """A model folder: ``model.safetensors`` (weights) and ``config.json`` (settings, shapes,
+    and the sha256 of the weights file, so a mismatched pair is detected on load)."""
+    d = Path(directory)
+    save_tensors(d / MODEL_WEIGHTS, arrays, {"format_version": FORMAT_VERSION})
+    write_json(
+        d / MODEL_CONFIG,
+        {
+            "format_version": FORMAT_VERSION,
+            "weights_sha256": sha256_file(d / MODEL_WEIGHTS),
+            "shapes": {k: list(np.shape(v)) for k, v in arrays.items()},
+            **config,
+        },
+    )
+
+
+def load_model(directory: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a model folder written by :func:`save_model`: (arrays, config), all checked."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileFormatError(f"{d}: model folder not found")
+    config = read_json(d / MODEL_CONFIG)
+    if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
+        raise FileFormatError(f"{d / MODEL_CONFIG}: not a saeflow model config (format_version)")
+    weights = d / MODEL_WEIGHTS
+    if not weights.is_file():
+        raise FileFormatError(f"{weights}: file not found")
+    if sha256_file(weights) != config.get("weights_sha256"):
+        raise FileFormatError(f"{weights}: sha256 differs from the one in {MODEL_CONFIG}")
+    arrays, _ = load_tensors(weights)
+    for name, shape in config.get("shapes", {}).items():
+        if name not in arrays or list(arrays[name].shape) != shape:
+            raise FileFormatError(f"{weights}: tensor {name!r} missing or not of shape {shape}")
+        if not np.isfinite(arrays[name]).all():
+            raise FileFormatError(f"{weights}: tensor {name!r} contains NaN or Inf")
+    return arrays, config

@@ -1,0 +1,348 @@
+"""Training: full-batch L-BFGS and mini-batch Adam over one flat parameter vector.
+
+The :class:`Trainer` owns the parameters, the solver state and the per-iteration
+history; it knows nothing of tracking tools. Callbacks observe it after every
+iteration (an L-BFGS iteration, or an Adam epoch) to log, plot or checkpoint, in the
+manner of minGPT's trainer. :meth:`Trainer.state_dict` captures everything needed to
+continue (parameters, optimiser state, iteration, RNG state, history), so a fit
+resumed from a checkpoint ends with the same bytes as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from sae_core import io
+from sae_core.config import SAEConfig
+from sae_core.device import resolve_device, resolve_dtype
+from sae_core.lbfgs import LBFGS, LBFGSState
+from sae_core.model import init_theta
+from sae_core.objective import TERM_NAMES, Evaluation, make_objective
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or Inf; the message says where."""
+
+
+class Callback:
+    """Hooks called by :class:`Trainer`; override what you need."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first iteration of a ``fit`` call (also on resume)."""
+
+    def on_iteration_end(self, trainer: Trainer) -> None:
+        """After each iteration; ``trainer.history[-1]`` is its record."""
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """After the last iteration of a ``fit`` call."""
+
+
+class CheckpointCallback(Callback):
+    """Write ``trainer.state_dict()`` to ``path`` every ``every`` iterations and at the end."""
+
+    def __init__(self, path: str | os.PathLike, every: int = 50) -> None:
+        if every < 1:
+            raise ValueError(f"checkpoint every must be >= 1; got {every}")
+        self.path = path
+        self.every = every
+
+    def on_iteration_end(self, trainer: Trainer) -> None:
+        if trainer.iteration % self.every == 0:
+            trainer.save_checkpoint(self.path)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def data_fingerprint(X: torch.Tensor) -> str:
+    """sha256 of the training data's shape, dtype and bytes (checks that a resume uses
+    the data the checkpoint was written for)."""
+    arr = X.detach().cpu().contiguous().numpy()
+    h = hashlib.sha256(f"{arr.shape}{arr.dtype}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+class Trainer:
+    """Fit one sparse autoencoder.
+
+    Parameters
+    ----------
+    config : SAEConfig
+        Model and solver settings.
+    n_features : int
+        Input dimension n.
+    callbacks : iterable of Callback
+        Called in order after every iteration.
+
+    Attributes
+    ----------
+    theta : torch.Tensor, shape (2 s n + s + n,)
+        Current parameters (layout in :mod:`sae_core.model`).
+    history : list of dict
+        One record per iteration, iteration 0 being the starting point: ``iteration``,
+        ``loss``, ``reconstruction``, ``weight_decay``, ``sparsity``, ``auxiliary``
+        (for Adam, the epoch's mean over its mini-batches).
+    iteration : int
+        Completed iterations (L-BFGS) or epochs (Adam).
+    stop_reason : str or None
+        Why L-BFGS stopped before ``max_iter``, if it did.
+    """
+
+    def __init__(
+        self, config: SAEConfig, n_features: int, callbacks: Iterable[Callback] = ()
+    ) -> None:
+        self.config = config
+        self.n_features = n_features
+        self.callbacks = list(callbacks)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype)
+        seed = config.random_state
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        self.seed = seed
+        self.theta = init_theta(
+            n_features, config.n_components, seed=seed, dtype=self.dtype, device=self.device
+        )
+        self.history: list[dict[str, float]] = []
+        self.iteration = 0
+        self.stop_reason: str | None = None
+        self.fingerprint: str | None = None
+        self._objective = make_objective(config)
+        self._lbfgs: LBFGSState | None = None
+        self._adam: torch.optim.Adam | None = None
+        self._adam_param: torch.Tensor | None = None
+        # batch-order RNG as a state tensor (a torch.Generator cannot be pickled)
+        self._rng_state = torch.Generator().manual_seed(seed).get_state()
+        # examples since each latent last fired (AuxK dead-latent bookkeeping)
+        self._since_fired = torch.zeros(config.n_components, dtype=torch.int64)
+
+    def __getstate__(self) -> dict:
+        # the objective caches a copy of the training data; never pickle that
+        state = self.__dict__.copy()
+        state["_objective"] = make_objective(self.config)
+        return state
+
+    # ------------------------------------------------------------------ helpers
+    def as_data(self, X: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """X (m, n) as a contiguous tensor of the trainer's dtype on its device."""
+        return torch.as_tensor(X).to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _record(self, terms: torch.Tensor) -> None:
+        values = [float(v) for v in terms.tolist()]
+        loss = math.fsum(values)
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss became {loss} at iteration {self.iteration} ("
+                + ", ".join(f"{k}={v:.6g}" for k, v in zip(TERM_NAMES, values, strict=True))
+                + "); lower learning_rate, or check the input for extreme values"
+            )
+        record = {"iteration": self.iteration, "loss": loss}
+        record.update(zip(TERM_NAMES, values, strict=True))
+        self.history.append(record)
+
+    def _check_data(self, X: torch.Tensor) -> None:
+        fp = data_fingerprint(X)
+        if self.fingerprint is not None and self.fingerprint != fp and self._lbfgs is not None:
+            raise ValueError(
+                "the data differ from the data this L-BFGS fit started on; full-batch "
+                "training continues only on the same data (use solver='adam' for streams)"
+            )
+        self.fingerprint = fp
+
+    # ------------------------------------------------------------------ L-BFGS
+    def fit_lbfgs(self, X: torch.Tensor) -> None:
+        """Full-batch L-BFGS on X (m, n) until ``config.max_iter`` iterations or convergence."""
+        cfg = self.config
+        self._check_data(X)
+
+        def evaluate(theta: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+            ev: Evaluation = self._objective(theta, X)
+            return float(ev.loss), ev.grad, ev.terms
+
+        solver = LBFGS(evaluate, history=cfg.lbfgs_history, tol=cfg.tol)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        if self._lbfgs is None:
+            try:
+                self._lbfgs, terms = solver.start(self.theta)
+            except FloatingPointError as exc:
+                raise TrainingDivergedError(f"{exc}; check the input for extreme values") from None
+            self._record(terms)
+        state = self._lbfgs
+        while self.iteration < cfg.max_iter and self.stop_reason is None:
+            go_on, terms = solver.step(state)
+            if terms is None:  # the line search found nothing lower: converged
+                self.stop_reason = state.stop_reason
+                break
+            self.iteration += 1
+            self.theta = state.x
+            self._record(terms)
+            if not go_on:
+                self.stop_reason = state.stop_reason
+            for cb in self.callbacks:
+                cb.on_iteration_end(self)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+
+    # ------------------------------------------------------------------ Adam
+    def _ensure_adam(self) -> torch.optim.Adam:
+        if self._adam is None:
+            self._adam_param = self.theta.clone().requires_grad_(True)
+            self._adam = torch.optim.Adam([self._adam_param], lr=self.config.learning_rate)
+        return self._adam
+
+    def fit_adam(self, X: torch.Tensor, epochs: int | None = None) -> None:
+        """Mini-batch Adam on X (m, n): ``epochs`` more epochs, or up to ``config.max_iter``.
+
+        Each epoch visits the examples in a fresh seeded random order. The KL term uses
+        each mini-batch's own rho_hat. AuxK (TopK) counts a latent dead once it has not
+        fired on ``config.dead_window`` consecutive training examples.
+        """
+        cfg = self.config
+        self.fingerprint = data_fingerprint(X)
+        adam = self._ensure_adam()
+        param = self._adam_param
+        m = X.shape[0]
+        target = self.iteration + epochs if epochs is not None else cfg.max_iter
+        use_dead = cfg.penalty == "topk" and cfg.aux_k is not None
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        while self.iteration < target:
+            gen = torch.Generator()
+            gen.set_state(self._rng_state)
+            order = torch.randperm(m, generator=gen).to(self.device)
+            self._rng_state = gen.get_state()
+            sums = torch.zeros(len(TERM_NAMES), dtype=torch.float64, device=self.device)
+            for start in range(0, m, cfg.batch_size):
+                batch = X[order[start : start + cfg.batch_size]]
+                dead = None
+                if use_dead:
+                    dead = (self._since_fired >= cfg.dead_window).to(self.device)
+                ev = self._objective(param.detach(), batch, dead)
+                if not torch.isfinite(ev.loss):
+                    raise TrainingDivergedError(
+                        f"loss became {float(ev.loss)} in epoch {self.iteration + 1} at "
+                        f"example {start}; lower learning_rate (now {cfg.learning_rate:g})"
+                    )
+                param.grad = ev.grad
+                adam.step()
+                sums += ev.terms.double() * batch.shape[0]
+                if use_dead and ev.fired is not None:
+                    fired = ev.fired.cpu()
+                    self._since_fired += batch.shape[0]
+                    self._since_fired[fired] = 0
+            self.iteration += 1
+            self.theta = param.detach().clone()
+            self._record(sums / m)
+            for cb in self.callbacks:
+                cb.on_iteration_end(self)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+
+    def fit(self, X: np.ndarray | torch.Tensor) -> Trainer:
+        """Train with the configured solver; returns self."""
+        data = self.as_data(X)
+        if self.config.solver == "lbfgs":
+            self.fit_lbfgs(data)
+        else:
+            self.fit_adam(data)
+        return self
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, meta): everything needed to continue this fit, as numpy + JSON."""
+        arrays: dict[str, np.ndarray] = {
+            "theta": self.theta.detach().cpu().numpy(),
+            "rng_state": self._rng_state.numpy(),
+            "since_fired": self._since_fired.numpy(),
+        }
+        meta: dict[str, Any] = {
+            "config": self.config.to_dict(),
+            "n_features": self.n_features,
+            "seed": self.seed,
+            "iteration": self.iteration,
+            "stop_reason": self.stop_reason,
+            "fingerprint": self.fingerprint,
+            "history": self.history,
+            "solver_state": None,
+        }
+        if self._lbfgs is not None:
+            for k, v in self._lbfgs.tensors().items():
+                arrays[f"lbfgs.{k}"] = v.detach().cpu().numpy()
+            meta["solver_state"] = {"lbfgs": self._lbfgs.scalars()}
+        if self._adam is not None:
+            st = self._adam.state.get(self._adam_param, {})
+            if st:
+                arrays["adam.exp_avg"] = st["exp_avg"].detach().cpu().numpy()
+                arrays["adam.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().numpy()
+                meta["solver_state"] = {"adam": {"step": float(st["step"])}}
+            arrays["adam.param"] = self._adam_param.detach().cpu().numpy()
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` output of a trainer with the same settings."""
+        dev = self.device
+
+        def tensor(name: str) -> torch.Tensor:
+            t = torch.from_numpy(np.array(arrays[name]))
+            return t.to(dev) if t.is_floating_point() else t
+
+        self.theta = tensor("theta").to(self.dtype)
+        self._rng_state = torch.from_numpy(np.array(arrays["rng_state"]))
+        self._since_fired = torch.from_numpy(np.array(arrays["since_fired"]))
+        self.iteration = int(meta["iteration"])
+        self.stop_reason = meta["stop_reason"]
+        self.fingerprint = meta["fingerprint"]
+        self.history = [dict(r) for r in meta["history"]]
+        self.seed = int(meta["seed"])
+        solver_state = meta.get("solver_state") or {}
+        if "lbfgs" in solver_state:
+            tensors = {
+                k.split(".", 1)[1]: tensor(k) for k in arrays if k.startswith("lbfgs.")
+            }
+            self._lbfgs = LBFGSState.restore(tensors, solver_state["lbfgs"])
+        if "adam.param" in arrays:
+            adam = self._ensure_adam()
+            with torch.no_grad():
+                self._adam_param.copy_(tensor("adam.param"))
+            if "adam" in solver_state:
+                adam.state[self._adam_param] = {
+                    "step": torch.tensor(solver_state["adam"]["step"]),
+                    "exp_avg": tensor("adam.exp_avg"),
+                    "exp_avg_sq": tensor("adam.exp_avg_sq"),
+                }
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state_dict` to one safetensors file, atomically."""
+        arrays, meta = self.state_dict()
+        io.save_tensors(path, arrays, meta)
+
+    def resume_from(self, path: str | os.PathLike, fingerprint: str | None = None) -> None:
+        """Load a checkpoint written for the same settings (``max_iter`` may differ) and,
+        when ``fingerprint`` is given, the same data; anything else is a ValueError."""
+        arrays, meta = io.load_tensors(path)
+        theirs = dict(meta.get("config", {}))
+        ours = self.config.to_dict()
+        for d in (theirs, ours):
+            d.pop("max_iter", None)
+        if theirs != ours or meta.get("n_features") != self.n_features:
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            what = ", ".join(diff) or "n_features"
+            raise ValueError(
+                f"checkpoint {path} was written for other settings ({what}); "
+                "delete it or choose another checkpoint_path"
+            )
+        if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
+            raise ValueError(
+                f"checkpoint {path} was written for other training data; delete it or choose "
+                "another checkpoint_path"
+            )
+        self.load_state_dict(arrays, meta)
