@@ -170,7 +170,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         callbacks = list(self.callbacks or [])
         if self.checkpoint_path is not None:
             callbacks.append(CheckpointCallback(self.checkpoint_path, self.checkpoint_every))
-        return Trainer(config, n_features, callbacks)
+        return Trainer(
+            config, n_features, callbacks, fingerprint_data=self.checkpoint_path is not None
+        )
 
     def _publish(self, trainer: Trainer) -> None:
         theta = trainer.theta.detach()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from sae_core.config import SAEConfig
+from sae_core.device import resolve_device
 from sae_core.model import init_theta
 from sae_core.objective import AutogradObjective, FusedKLObjective
 
@@ -39,14 +40,17 @@ def check_gradient(
 ) -> float:
     """Relative difference between the analytic gradient of ``config``'s objective on X
     (autograd, or the fused KL gradient with ``fused=True``) and central differences,
-    in float64 at the exercise's initial point."""
-    Xt = torch.as_tensor(np.asarray(X), dtype=torch.float64)
-    theta = init_theta(Xt.shape[1], config.n_components, seed=seed, dtype=torch.float64)
+    in float64 at the exercise's initial point, on ``config.device``."""
+    device = resolve_device(config.device)
+    Xt = torch.as_tensor(np.asarray(X), dtype=torch.float64, device=device)
+    theta = init_theta(
+        Xt.shape[1], config.n_components, seed=seed, dtype=torch.float64, device=device
+    )
     # a non-zero bias start, so bias gradients are checked away from the symmetric point
     gen = torch.Generator().manual_seed(seed + 1)
     n_weights = 2 * Xt.shape[1] * config.n_components
-    theta[n_weights:] = 0.1 * torch.randn(theta.numel() - n_weights, generator=gen,
-                                          dtype=torch.float64)
+    bias = 0.1 * torch.randn(theta.numel() - n_weights, generator=gen, dtype=torch.float64)
+    theta[n_weights:] = bias.to(device)
     objective = FusedKLObjective(config) if fused else AutogradObjective(config)
     analytic = objective(theta, Xt).grad
     numeric = numerical_gradient(lambda th: float(objective(th, Xt).loss), theta, eps)

@@ -63,7 +63,9 @@ class LBFGSState:
 
     @classmethod
     def restore(cls, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> LBFGSState:
-        return cls(**tensors, **scalars)
+        """Inverse of tensors()/scalars(); SY and YY always go to host memory."""
+        host = {k: tensors[k].to("cpu", torch.float64) for k in ("SY", "YY")}
+        return cls(**{**tensors, **host}, **scalars)
 
 
 @dataclass

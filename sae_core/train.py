@@ -81,6 +81,9 @@ class Trainer:
         Input dimension n.
     callbacks : iterable of Callback
         Called in order after every iteration.
+    fingerprint_data : bool
+        Hash the training data, so that a checkpoint records which data it was
+        written for (see :meth:`resume_from`).
 
     Attributes
     ----------
@@ -97,9 +100,16 @@ class Trainer:
     """
 
     def __init__(
-        self, config: SAEConfig, n_features: int, callbacks: Iterable[Callback] = ()
+        self,
+        config: SAEConfig,
+        n_features: int,
+        callbacks: Iterable[Callback] = (),
+        *,
+        fingerprint_data: bool = False,
     ) -> None:
         self.config = config
+        # hashing the data costs ~1 s per GB: only done when checkpoints need it
+        self.fingerprint_data = fingerprint_data
         self.n_features = n_features
         self.callbacks = list(callbacks)
         self.device = resolve_device(config.device)
@@ -149,6 +159,8 @@ class Trainer:
         self.history.append(record)
 
     def _check_data(self, X: torch.Tensor) -> None:
+        if not self.fingerprint_data:
+            return
         fp = data_fingerprint(X)
         if self.fingerprint is not None and self.fingerprint != fp and self._lbfgs is not None:
             raise ValueError(
@@ -207,7 +219,8 @@ class Trainer:
         fired on ``config.dead_window`` consecutive training examples.
         """
         cfg = self.config
-        self.fingerprint = data_fingerprint(X)
+        if self.fingerprint_data:
+            self.fingerprint = data_fingerprint(X)
         adam = self._ensure_adam()
         param = self._adam_param
         m = X.shape[0]
