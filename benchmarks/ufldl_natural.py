@@ -15,7 +15,7 @@ pools never compete), alternating, ``--repeats`` times; the best time of each co
 Prints both final objectives and the ratio reference wall time / saeflow time-to-reach,
 and writes the 25 learned filters as a PNG.
 
-    python benchmarks/ufldl_natural.py [--repeats 3] [--out benchmarks/results]
+    python benchmarks/ufldl_natural.py [--repeats 5] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def run_worker(*args: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +25,16 @@ def _fail(name: str, allowed: str, value: Any) -> None:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numbers.Integral admits numpy integers (GridSearchCV grids from np.arange)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,11 @@ class SAEConfig:
                 _fail(name, "an integer >= 1", value)
         if self.solver not in SOLVERS:
             _fail("solver", f"one of {', '.join(SOLVERS)}", self.solver)
+        if self.aux_k is not None and self.solver != "adam":
+            # AuxK treats the main model's residual as a constant (a stop-gradient), so
+            # its gradient is not the derivative of the loss a line search compares
+            _fail("aux_k", "None unless solver='adam' (AuxK's stop-gradient defeats the "
+                  "L-BFGS line search)", self.aux_k)
         if not _is_real(self.learning_rate) or self.learning_rate <= 0:
             _fail("learning_rate", "a finite number > 0", self.learning_rate)
         if self.dtype not in DTYPES:

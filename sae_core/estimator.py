@@ -301,6 +301,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             )
         return est
 
+    @property
+    def _n_features_out(self) -> int:
+        """Number of output features (hidden units), for get_feature_names_out."""
+        return self.components_.shape[0]
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False

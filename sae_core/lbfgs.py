@@ -3,21 +3,25 @@
 Why not ``torch.optim.LBFGS`` or ``scipy.optimize``: the solver state here is a plain
 dataclass of tensors and numbers (so a checkpoint holds all of it and a resumed run
 reproduces an uninterrupted one bit for bit), it never leaves the device of the
-parameters, and it keeps the curvature pairs in two preallocated (history, N) matrices.
+parameters, and it keeps the curvature pairs in one preallocated (2 history, N) matrix.
 
-The algorithm is Nocedal & Wright's (Alg. 7.4 two-loop recursion, Alg. 3.5/3.6 line
-search with cubic interpolation), with minFunc's choices: first step min(1, 1/||g||_1),
-initial Hessian scaling gamma = s'y / y'y, pairs with s'y <= 1e-10 skipped.
+The algorithm: L-BFGS in the compact form of Byrd, Nocedal & Schnabel (1994), a
+strong-Wolfe line search with cubic interpolation (Nocedal & Wright Alg. 3.5/3.6), and
+minFunc's choices: first step min(1, 1/||g||_1), initial Hessian scaling
+gamma = s'y / y'y, pairs with s'y <= 1e-10 skipped, memory forgotten when the line
+search fails once.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from scipy.linalg.lapack import dtrtrs
 
 Evaluate = Callable[[torch.Tensor], tuple[float, torch.Tensor, Any]]
 """x -> (f(x), grad f(x), anything the caller wants back for the accepted point)."""
@@ -27,33 +31,54 @@ Evaluate = Callable[[torch.Tensor], tuple[float, torch.Tensor, Any]]
 class LBFGSState:
     """Everything the solver needs to continue.
 
-    ``pairs`` (2 * history, N) holds the correction pairs as a ring buffer: rows
-    ``[0, history)`` are the steps s_i, rows ``[history, 2 history)`` the gradient
-    changes y_i, so one matrix-vector product gives both S g and Y g. ``SY[i, j] =
-    s_i'y_j`` and ``YY[i, j] = y_i'y_j`` (float64, (history, history)) are updated as
-    pairs arrive, slot-indexed like the rows of ``pairs``; they live in host memory.
+    ``pairs`` (2 * history, N) holds the correction pairs as a ring buffer on the
+    parameters' device: rows ``[0, history)`` are the steps s_i, rows
+    ``[history, 2 history)`` the gradient changes y_i, so one matrix-vector product gives
+    both S g and Y g; the newest pair sits in slot ``head - 1``. ``SY[i, j] = s_i'y_j``
+    and ``YY[i, j] = y_i'y_j`` (k x k, float64, host memory) are in chronological order,
+    oldest first. ``proj`` caches ``pairs @ g`` (float64, host) for the current g, or is
+    empty when it must be recomputed.
     """
 
     x: torch.Tensor
     f: float
     g: torch.Tensor
     pairs: torch.Tensor
-    SY: torch.Tensor
-    YY: torch.Tensor
-    n_pairs: int = 0
+    SY: np.ndarray
+    YY: np.ndarray
+    proj: np.ndarray = field(default_factory=lambda: np.zeros(0))
     head: int = 0
     gamma: float = 1.0
     n_iter: int = 0
     n_evals: int = 1
     stop_reason: str | None = None
 
+    @property
+    def n_pairs(self) -> int:
+        return self.SY.shape[0]
+
+    def slots(self) -> np.ndarray:
+        """Ring-buffer slot of each stored pair, oldest first."""
+        h = self.pairs.shape[0] // 2
+        return (self.head - self.n_pairs + np.arange(self.n_pairs)) % h
+
+    def forget(self) -> None:
+        """Drop the curvature memory (the next direction is steepest descent)."""
+        self.SY = np.zeros((0, 0))
+        self.YY = np.zeros((0, 0))
+        self.proj = np.zeros(0)
+        self.head, self.gamma = 0, 1.0
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"x": self.x, "g": self.g, "pairs": self.pairs, "SY": self.SY, "YY": self.YY}
+        return {
+            "x": self.x, "g": self.g, "pairs": self.pairs,
+            "SY": torch.from_numpy(self.SY), "YY": torch.from_numpy(self.YY),
+            "proj": torch.from_numpy(self.proj),
+        }
 
     def scalars(self) -> dict[str, Any]:
         return {
             "f": self.f,
-            "n_pairs": self.n_pairs,
             "head": self.head,
             "gamma": self.gamma,
             "n_iter": self.n_iter,
@@ -63,8 +88,10 @@ class LBFGSState:
 
     @classmethod
     def restore(cls, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> LBFGSState:
-        """Inverse of tensors()/scalars(); SY and YY always go to host memory."""
-        host = {k: tensors[k].to("cpu", torch.float64) for k in ("SY", "YY")}
+        """Inverse of tensors()/scalars(); SY and YY go back to host numpy arrays."""
+        host = {
+            k: np.array(tensors[k].cpu().numpy(), dtype=np.float64) for k in ("SY", "YY", "proj")
+        }
         return cls(**{**tensors, **host}, **scalars)
 
 
@@ -120,11 +147,9 @@ class LBFGS:
         f, g, extra = self.evaluate(x0)
         if not math.isfinite(f):
             raise FloatingPointError(f"the loss is {f} at the initial point")
-        n = x0.numel()
-        h = self.history
-        small = torch.zeros(h, h, dtype=torch.float64)  # host memory: see _direction
         state = LBFGSState(
-            x=x0.clone(), f=f, g=g, pairs=x0.new_zeros(2 * h, n), SY=small, YY=small.clone()
+            x=x0.clone(), f=f, g=g, pairs=x0.new_zeros(2 * self.history, x0.numel()),
+            SY=np.zeros((0, 0)), YY=np.zeros((0, 0)),
         )
         return state, extra
 
@@ -136,52 +161,74 @@ class LBFGS:
             w1 = R^-T ((D + gamma Y'Y) w2 - gamma Y'g)
 
         with S, Y (N, k) the pairs oldest first, R the upper triangle of S'Y and D its
-        diagonal. Four matrix-vector products and a k x k triangular solve, whatever
-        the history length, instead of the 4k vector operations of the two-loop
-        recursion (which dominate the iteration's cost for k = 100 and small N).
+        diagonal. Two matrix-vector products with the (2h, N) pair matrix on the device
+        and k x k algebra in float64 numpy on the host (microseconds, where a torch call
+        costs ~10 us), whatever k, instead of the 4k vector operations of the two-loop
+        recursion, which dominate an iteration's cost for k = 100 and small N.
         """
-        if st.n_pairs == 0:
+        k = st.n_pairs
+        if k == 0:
             return st.g.neg()
-        h, k, gamma = self.history, st.n_pairs, st.gamma
-        # The k x k algebra runs in float64 on the host; only the two products with
-        # the (2h, N) pair matrix touch the parameters' device. (Not numpy: its BLAS
-        # threads would spin against torch's on a small machine.)
-        order = (st.head - k + torch.arange(k)) % h  # slots, oldest first
-        proj = (st.pairs @ st.g).double().cpu()  # [S g; Y g] over all slots
-        Sg, Yg = proj[order, None], proj[h + order, None]
-        SY = st.SY[order][:, order]
-        R = SY.triu()
-        w2 = torch.linalg.solve_triangular(R, Sg, upper=True)
-        rhs = SY.diagonal()[:, None] * w2 + gamma * (st.YY[order][:, order] @ w2)
-        w1 = torch.linalg.solve_triangular(R.t(), rhs - gamma * Yg, upper=False)
-        coef = torch.zeros(2 * h, dtype=torch.float64)  # per slot; unused slots get 0
-        coef[order] = w1[:, 0]
-        coef[h + order] = -gamma * w2[:, 0]
-        c = coef.to(device=st.g.device, dtype=st.g.dtype)
+        h, gamma = self.history, st.gamma
+        slots = st.slots()
+        if st.proj.size == 0:
+            st.proj = (st.pairs @ st.g).double().cpu().numpy()  # [S g; Y g] by slot
+        Sg, Yg = st.proj[slots], st.proj[h + slots]
+        R = np.triu(st.SY)
+        w2, _ = dtrtrs(R, Sg, lower=0)
+        rhs = st.SY.diagonal() * w2 + gamma * (st.YY @ w2) - gamma * Yg
+        w1, _ = dtrtrs(R, rhs, lower=0, trans=1)
+        coef = np.zeros(2 * h)  # per slot; empty slots get 0
+        coef[slots] = w1
+        coef[h + slots] = -gamma * w2
+        c = torch.from_numpy(coef).to(device=st.g.device, dtype=st.g.dtype)
         return torch.addmv(st.g, st.pairs.t(), c, beta=gamma).neg_()
 
-    def _store_pair(self, st: LBFGSState, s: torch.Tensor, y: torch.Tensor, ys: float) -> None:
-        """Put (s, y) in the oldest slot and update the slot-indexed S'Y and Y'Y."""
+    def _store_pair(
+        self, st: LBFGSState, s: torch.Tensor, y: torch.Tensor, g_new: torch.Tensor, ys: float
+    ) -> None:
+        """Put (s, y) in the oldest slot, extend S'Y and Y'Y by a row and a column, and
+        leave ``proj = pairs @ g_new`` for the next direction.
+
+        One pass over the pair matrix gives both pairs @ s and pairs @ g_new (as a 2 x N
+        by N x 2h product: MKL runs the N x 2 orientation 7x slower); pairs @ y then is
+        pairs @ g_new - pairs @ g_old, the latter cached from this iteration's direction.
+        """
         h, j = self.history, st.head
+        old = st.proj  # pairs_old @ g_old, or empty
+        if old.size:
+            old = old.copy()
+            old[j] = float(torch.dot(s, st.g))  # slot j now holds the new pair
+            old[h + j] = float(torch.dot(y, st.g))
         st.pairs[j].copy_(s)
         st.pairs[h + j].copy_(y)
-        # two matrix-vector products: a (2h, N) x (N, 2) GEMM is 8x slower in MKL
-        with_s = (st.pairs @ s).double().cpu()  # [S s_j; Y s_j]
-        with_y = (st.pairs @ y).double().cpu()  # [S y_j; Y y_j]
-        st.SY[j, :] = with_s[h:]  # s_j'y_i
-        st.SY[:, j] = with_y[:h]  # s_i'y_j
-        st.YY[j, :] = with_y[h:]
-        st.YY[:, j] = with_y[h:]
-        st.n_pairs = min(st.n_pairs + 1, h)
+        both = torch.mm(torch.stack([s, g_new]), st.pairs.t()).double().cpu().numpy()
+        with_s = both[0]  # [S s; Y s] by slot
+        st.proj = both[1]  # [S g_new; Y g_new]
+        if old.size:
+            with_y = st.proj - old
+        else:
+            with_y = (st.pairs @ y).double().cpu().numpy()
+        keep = 1 if st.n_pairs == h else 0  # when full, the oldest pair was overwritten
         st.head = (j + 1) % h
-        st.gamma = ys / float(with_y[h + j])
+        k = st.n_pairs - keep + 1
+        SY = np.empty((k, k))
+        YY = np.empty((k, k))
+        SY[:-1, :-1] = st.SY[keep:, keep:]
+        YY[:-1, :-1] = st.YY[keep:, keep:]
+        slots = (st.head - k + np.arange(k)) % h
+        SY[-1, :] = with_s[h + slots]  # s_new'y_i
+        SY[:, -1] = with_y[slots]  # s_i'y_new
+        YY[-1, :] = YY[:, -1] = with_y[h + slots]
+        st.SY, st.YY = SY, YY
+        st.gamma = ys / YY[-1, -1]
 
     def step(self, st: LBFGSState) -> tuple[bool, Any]:
         """One iteration in place. Returns (go_on, extra of the accepted point)."""
         d = self._direction(st)
         gtd = float(torch.dot(st.g, d))
         if not gtd < 0:  # not a descent direction: forget the curvature, go downhill
-            st.n_pairs, st.head, st.gamma = 0, 0, 1.0
+            st.forget()
             d = st.g.neg()
             gtd = float(torch.dot(st.g, d))
         if gtd == 0:
@@ -196,7 +243,7 @@ class LBFGS:
         if point is None and st.n_pairs > 0:
             # the curvature memory may be stale (float32 noise near a minimum): forget
             # it and try once more along the steepest descent, as minFunc does
-            st.n_pairs, st.head, st.gamma = 0, 0, 1.0
+            st.forget()
             d = st.g.neg()
             gtd = float(torch.dot(st.g, d))
             t = min(1.0, 1.0 / float(st.g.abs().sum()))
@@ -210,7 +257,9 @@ class LBFGS:
         y = point.g - st.g
         ys = float(torch.dot(y, s))
         if ys > 1e-10:
-            self._store_pair(st, s, y, ys)
+            self._store_pair(st, s, y, point.g, ys)
+        else:
+            st.proj = np.zeros(0)  # g changes: the cached projection is stale
         f_old = st.f
         st.x, st.f, st.g = point.x, point.f, point.g
         st.n_iter += 1

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from sae_core import io
 from sae_core.config import SAEConfig
@@ -90,9 +91,10 @@ class Trainer:
     theta : torch.Tensor, shape (2 s n + s + n,)
         Current parameters (layout in :mod:`sae_core.model`).
     history : list of dict
-        One record per iteration, iteration 0 being the starting point: ``iteration``,
-        ``loss``, ``reconstruction``, ``weight_decay``, ``sparsity``, ``auxiliary``
-        (for Adam, the epoch's mean over its mini-batches).
+        One record per iteration: ``iteration``, ``loss``, ``reconstruction``,
+        ``weight_decay``, ``sparsity``, ``auxiliary``. L-BFGS starts with iteration 0, the
+        starting point; Adam records each epoch from 1 on, as the mean over its
+        mini-batches (the loss a mini-batch method sees).
     iteration : int
         Completed iterations (L-BFGS) or epochs (Adam).
     stop_reason : str or None
@@ -174,10 +176,33 @@ class Trainer:
         """Full-batch L-BFGS on X (m, n) until ``config.max_iter`` iterations or convergence."""
         cfg = self.config
         self._check_data(X)
+        threads = torch.get_num_threads()
+        # On the CPU the fused KL objective runs one column shard per thread, each with
+        # single-threaded BLAS (faster than one multi-threaded call on these skinny
+        # products); the thread setting is restored afterwards.
+        shards = threads if (
+            self.device.type == "cpu" and cfg.penalty == "kl" and X.shape[0] >= 2048 * threads
+        ) else 1
+        objective = make_objective(cfg, shards=shards)
 
         def evaluate(theta: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-            ev: Evaluation = self._objective(theta, X)
+            ev: Evaluation = objective(theta, X)
             return float(ev.loss), ev.grad, ev.terms
+
+        if shards > 1:
+            torch.set_num_threads(1)
+        try:
+            # the solver's small k x k algebra runs in numpy: keep its BLAS on this
+            # thread, or OpenBLAS's spinning workers fight torch's for the cores
+            with threadpool_limits(limits=1, user_api="blas"):
+                self._run_lbfgs(evaluate)
+        finally:
+            if shards > 1:
+                torch.set_num_threads(threads)
+            objective.close()
+
+    def _run_lbfgs(self, evaluate) -> None:
+        cfg = self.config
 
         solver = LBFGS(evaluate, history=cfg.lbfgs_history, tol=cfg.tol)
         for cb in self.callbacks:

@@ -1,0 +1,78 @@
+"""Shared fixtures: small deterministic data sets and the exercise's natural patches.
+
+Every test runs on the CPU. torch is limited to one thread: the problems here are tiny,
+and on a small machine whose cores are busy an OpenMP pool of several threads spins
+against itself (a 0.5 ms objective evaluation then takes 25 ms).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small_X() -> np.ndarray:
+    """200 examples, 16 features, uniform in [0.1, 0.9] (valid for every penalty)."""
+    return np.random.default_rng(0).uniform(0.1, 0.9, size=(200, 16))
+
+
+@pytest.fixture
+def other_X() -> np.ndarray:
+    """Data of the same shape as ``small_X`` but different values."""
+    return np.random.default_rng(1).uniform(0.1, 0.9, size=(200, 16))
+
+
+@pytest.fixture(scope="session")
+def natural_X() -> np.ndarray:
+    """The exercise's training set: 10,000 normalised 8x8 patches of whitened photos."""
+    from sae_core.patches import natural_patches
+
+    return natural_patches(10_000, 8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def whitened_images() -> list[np.ndarray]:
+    """The built-in photographs, 1/f-whitened (the images natural_patches samples from)."""
+    from sae_core.data import load_natural_images
+    from sae_core.patches import whiten_1f
+
+    return [whiten_1f(img) for img in load_natural_images()]
+
+
+@pytest.fixture(scope="session")
+def patches4(whitened_images) -> np.ndarray:
+    """50 normalised 4x4 natural patches (16 inputs), as natural_patches(50, 4, seed=0)."""
+    from sae_core.patches import normalize_ufldl, sample_patches
+
+    return normalize_ufldl(sample_patches(whitened_images, 50, 4, seed=0))
+
+
+@pytest.fixture
+def subprocess_env() -> dict:
+    """Environment for a child Python that imports the project from the repository root."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    return env
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT

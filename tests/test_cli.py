@@ -1,0 +1,86 @@
+"""The ``saeflow`` command line."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from flows.cli import build_parser, main
+
+
+def test_help_exits_zero_and_prints_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: saeflow" in out
+    for command in ("gradcheck", "exercise", "version"):
+        assert command in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "usage: saeflow" in capsys.readouterr().out
+
+
+def test_unknown_command_exits_non_zero(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code != 0
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import sae_core
+
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.strip() == f"saeflow {sae_core.__version__}"
+
+
+def test_gradcheck_passes(capsys):
+    assert main(["gradcheck"]) == 0
+    out = capsys.readouterr().out
+    assert "gradient check passed" in out
+    for line in ("kl    autograd", "kl    fused", "l1    autograd", "topk  autograd"):
+        assert line in out
+
+
+def test_error_reported_without_traceback(capsys):
+    # a patch larger than every built-in image: a ValueError, reported as one line
+    assert main(["gradcheck", "--patch", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("saeflow: error:")
+    assert "Traceback" not in err
+
+
+def test_debug_flag_reraises():
+    with pytest.raises(ValueError, match="smaller than"):
+        main(["--debug", "gradcheck", "--patch", "1000"])
+
+
+def test_parser_defaults():
+    args = build_parser().parse_args(["exercise"])
+    assert (args.patches, args.iterations, args.seed) == (10_000, 400, 0)
+    args = build_parser().parse_args(["gradcheck"])
+    assert (args.samples, args.patch, args.hidden) == (50, 4, 6)
+
+
+def test_module_help_in_subprocess(python, subprocess_env, repo_root):
+    proc = subprocess.run([python, "-m", "flows.cli", "--help"], cwd=repo_root,
+                          env=subprocess_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: saeflow" in proc.stdout
+
+
+def test_import_does_not_load_torch(python, subprocess_env, repo_root):
+    code = "import flows.cli, sys; print('torch' in sys.modules, 'sklearn' in sys.modules)"
+    proc = subprocess.run([python, "-c", code], cwd=repo_root, env=subprocess_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
+    # and the check itself can see torch when it is imported
+    proc = subprocess.run([python, "-c", "import torch, sys; print('torch' in sys.modules)"],
+                          cwd=repo_root, env=subprocess_env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "True"

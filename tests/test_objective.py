@@ -1,0 +1,179 @@
+"""The objective J(theta; X): fused KL gradient vs autograd, term bookkeeping, caching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sae_core import model as M
+from sae_core.config import SAEConfig
+from sae_core.gradcheck import relative_difference
+from sae_core.objective import (
+    TERM_NAMES,
+    AutogradObjective,
+    FusedKLObjective,
+    loss_terms,
+    make_objective,
+)
+
+
+def _theta(n, s, seed=0, dtype=torch.float64):
+    """The exercise's initial point with non-zero biases (bias gradients non-trivial)."""
+    theta = M.init_theta(n, s, seed=seed, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed + 100)
+    theta[2 * n * s :] = 0.1 * torch.randn(s + n, generator=gen, dtype=torch.float64)
+    return theta.to(dtype)
+
+
+@pytest.fixture
+def X64(small_X):
+    return torch.as_tensor(small_X, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("rho", "beta", "lam"), [(0.01, 3.0, 1e-4), (0.2, 0.5, 3e-3),
+                                                   (0.05, 0.0, 0.0)])
+def test_fused_kl_equals_autograd_float64(X64, rho, beta, lam):
+    cfg = SAEConfig(n_components=7, rho=rho, beta=beta, weight_decay=lam, dtype="float64")
+    theta = _theta(X64.shape[1], 7)
+    fused = FusedKLObjective(cfg)(theta, X64)
+    auto = AutogradObjective(cfg)(theta, X64)
+    assert relative_difference(fused.grad, auto.grad) < 1e-12
+    assert float(fused.loss) == pytest.approx(float(auto.loss), rel=1e-13)
+    assert torch.allclose(fused.terms, auto.terms, rtol=1e-13, atol=0)
+
+
+def test_fused_kl_equals_autograd_on_natural_patches(natural_X):
+    X = torch.as_tensor(natural_X[:100])
+    cfg = SAEConfig(n_components=25, dtype="float64")
+    theta = _theta(64, 25)
+    a = FusedKLObjective(cfg)(theta, X)
+    b = AutogradObjective(cfg)(theta, X)
+    assert relative_difference(a.grad, b.grad) < 1e-12
+
+
+def test_fused_kl_float32_close_to_autograd(X64):
+    X = X64.float()
+    cfg = SAEConfig(n_components=5)
+    theta = _theta(X.shape[1], 5, dtype=torch.float32)
+    a = FusedKLObjective(cfg)(theta, X)
+    b = AutogradObjective(cfg)(theta, X)
+    assert a.grad.dtype == torch.float32
+    assert relative_difference(a.grad, b.grad) < 1e-5
+    assert float(a.loss) == pytest.approx(float(b.loss), rel=1e-5)
+
+
+def test_fused_does_not_modify_theta_or_X(X64):
+    cfg = SAEConfig(n_components=4, dtype="float64")
+    theta = _theta(X64.shape[1], 4)
+    theta0, X0 = theta.clone(), X64.clone()
+    FusedKLObjective(cfg)(theta, X64)
+    assert torch.equal(theta, theta0)
+    assert torch.equal(X64, X0)
+
+
+def test_fused_cache_follows_new_and_modified_data(X64, other_X):
+    """The fused objective caches a transposed copy of X: a different tensor, an in-place
+    change of X, or another batch size must not reuse stale data."""
+    cfg = SAEConfig(n_components=4, dtype="float64")
+    theta = _theta(X64.shape[1], 4)
+    obj = FusedKLObjective(cfg)
+    obj(theta, X64)
+    X2 = torch.as_tensor(other_X, dtype=torch.float64)
+    assert torch.equal(obj(theta, X2).grad, FusedKLObjective(cfg)(theta, X2).grad)
+    X3 = X64.clone()
+    obj(theta, X3)
+    X3[:10] = 0.5  # in place: same tensor object, new version
+    assert torch.equal(obj(theta, X3).grad, FusedKLObjective(cfg)(theta, X3).grad)
+    X4 = X64[:37].clone()  # another batch size
+    assert torch.equal(obj(theta, X4).grad, FusedKLObjective(cfg)(theta, X4).grad)
+    assert float(obj(theta, X64).loss) == float(FusedKLObjective(cfg)(theta, X64).loss)
+
+
+def test_fused_rejects_other_penalties():
+    with pytest.raises(ValueError, match="penalty='kl'"):
+        FusedKLObjective(SAEConfig(penalty="l1"))
+
+
+def test_make_objective_choice():
+    assert isinstance(make_objective(SAEConfig(penalty="kl")), FusedKLObjective)
+    assert isinstance(make_objective(SAEConfig(penalty="l1")), AutogradObjective)
+    assert isinstance(make_objective(SAEConfig(penalty="topk")), AutogradObjective)
+
+
+@pytest.mark.parametrize("penalty", ["kl", "l1", "topk"])
+def test_loss_is_sum_of_terms(X64, penalty):
+    cfg = SAEConfig(n_components=6, penalty=penalty, k=2, aux_k=3, l1_coefficient=1e-2,
+                    dtype="float64", solver="adam")
+    theta = _theta(X64.shape[1], 6)
+    ev = make_objective(cfg)(theta, X64)
+    assert ev.terms.shape == (len(TERM_NAMES),)
+    assert float(ev.loss) == pytest.approx(math.fsum(ev.terms.tolist()), rel=1e-14)
+    assert bool((ev.terms >= 0).all())
+    assert ev.grad.shape == theta.shape
+
+
+def test_terms_match_pure_functions(X64):
+    cfg = SAEConfig(n_components=6, rho=0.1, beta=2.0, weight_decay=1e-3, dtype="float64")
+    n = X64.shape[1]
+    theta = _theta(n, 6)
+    p = M.unpack(theta, n, 6)
+    A = torch.sigmoid(X64 @ p.W1.t() + p.b1)
+    X_hat = torch.sigmoid(A @ p.W2.t() + p.b2)
+    recon = 0.5 * ((X_hat - X64) ** 2).sum() / X64.shape[0]
+    decay = 0.5e-3 * ((p.W1**2).sum() + (p.W2**2).sum())
+    q = A.mean(0)
+    kl = 2.0 * (0.1 * torch.log(0.1 / q) + 0.9 * torch.log(0.9 / (1 - q))).sum()
+    ev = FusedKLObjective(cfg)(theta, X64)
+    expected = torch.stack([recon, decay, kl, torch.zeros((), dtype=torch.float64)])
+    assert torch.allclose(ev.terms, expected, rtol=1e-12, atol=1e-300)
+
+
+def test_l1_decoder_columns_normalised_in_objective(X64):
+    """Scaling a decoder column does not change the L1 objective (re-parameterisation)."""
+    cfg = SAEConfig(n_components=6, penalty="l1", weight_decay=0.0, dtype="float64")
+    n = X64.shape[1]
+    theta = _theta(n, 6)
+    scaled = theta.clone()
+    M.unpack(scaled, n, 6).W2[:, 2] *= 7.0
+    a = AutogradObjective(cfg)(theta, X64)
+    b = AutogradObjective(cfg)(scaled, X64)
+    assert float(a.loss) == pytest.approx(float(b.loss), rel=1e-12)
+
+
+def test_autograd_objective_does_not_touch_theta(X64):
+    cfg = SAEConfig(n_components=6, penalty="l1", dtype="float64")
+    theta = _theta(X64.shape[1], 6)
+    ev = AutogradObjective(cfg)(theta, X64)
+    assert not theta.requires_grad and theta.grad is None
+    assert not ev.loss.requires_grad
+
+
+def test_topk_auxk_fired_mask_and_dead_units():
+    # 3 examples, many latents, k = 1: most latents never fire on this batch
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(3, 8, generator=gen, dtype=torch.float64)
+    cfg = SAEConfig(n_components=16, penalty="topk", k=1, aux_k=4, dtype="float64",
+                    solver="adam")
+    theta = _theta(8, 16)
+    ev = AutogradObjective(cfg)(theta, X)
+    assert ev.fired is not None and ev.fired.dtype == torch.bool
+    assert int(ev.fired.sum()) <= 3
+    assert float(ev.terms[3]) > 0  # dead latents exist, so AuxK is active
+    # with every latent declared alive the auxiliary term vanishes
+    alive = torch.zeros(16, dtype=torch.bool)
+    ev2 = AutogradObjective(cfg)(theta, X, dead=alive)
+    assert float(ev2.terms[3]) == 0.0
+    # and without aux_k nothing is tracked
+    cfg_plain = SAEConfig(n_components=16, penalty="topk", k=1, dtype="float64")
+    assert AutogradObjective(cfg_plain)(theta, X).fired is None
+
+
+def test_loss_terms_returns_activations(X64):
+    cfg = SAEConfig(n_components=5, penalty="topk", k=2, dtype="float64")
+    theta = _theta(X64.shape[1], 5)
+    terms, A = loss_terms(theta, X64, cfg)
+    assert A.shape == (X64.shape[0], 5)
+    assert int((A != 0).sum(dim=1).max()) <= 2
+    assert float(terms.sparsity) == 0.0  # TopK has no sparsity penalty term

@@ -1,0 +1,393 @@
+"""Training: loss decrease, the exercise's sparsity, reproducibility, interrupt/resume,
+divergence detection, callbacks and the loss decomposition."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from sae_core import SparseAutoencoder
+from sae_core import train as T
+from sae_core.config import SAEConfig
+from sae_core.io import FileFormatError
+from sae_core.objective import TERM_NAMES, Evaluation
+from sae_core.train import Callback, CheckpointCallback, Trainer, TrainingDivergedError
+
+
+def fit(X, **kw):
+    kw.setdefault("device", "cpu")
+    return SparseAutoencoder(**kw).fit(X)
+
+
+PENALTY_KW = {
+    "kl": {"penalty": "kl", "rho": 0.1},
+    "l1": {"penalty": "l1", "l1_coefficient": 1e-2},
+    "topk": {"penalty": "topk", "k": 2},
+}
+
+
+# ----------------------------------------------------------------- the exercise
+@pytest.fixture(scope="module")
+def exercise(natural_X):
+    sae = SparseAutoencoder(25, rho=0.01, beta=3, weight_decay=1e-4, max_iter=400, device="cpu")
+    return sae.fit(natural_X)
+
+
+def test_exercise_every_unit_near_target_sparsity(exercise, natural_X):
+    rho = 0.01
+    rho_hat = exercise.transform(natural_X).mean(axis=0)
+    assert rho_hat.shape == (25,)
+    assert np.all(rho_hat >= rho / 2), rho_hat
+    assert np.all(rho_hat <= 2 * rho), rho_hat
+
+
+def test_exercise_loss_decomposition(exercise):
+    h = exercise.history_
+    assert h[0]["iteration"] == 0
+    assert [r["iteration"] for r in h] == list(range(len(h)))
+    assert len(h) == exercise.n_iter_ + 1
+    for r in h:
+        assert math.isclose(r["loss"], math.fsum(r[name] for name in TERM_NAMES),
+                            rel_tol=1e-12, abs_tol=1e-15)
+    # the optimiser lowers the sum; the sparsity term ends far below its start
+    assert h[-1]["loss"] < 0.1 * h[0]["loss"]
+    assert h[-1]["sparsity"] < h[0]["sparsity"]
+    assert h[-1]["auxiliary"] == 0.0
+
+
+def test_exercise_lbfgs_loss_non_increasing(exercise):
+    losses = [r["loss"] for r in exercise.history_]
+    for before, after in itertools.pairwise(losses):
+        assert after <= before + 1e-12 * abs(before)
+
+
+# ----------------------------------------------------------------- loss decrease
+@pytest.mark.parametrize("penalty", ["kl", "l1"])
+def test_lbfgs_loss_non_increasing(small_X, penalty):
+    sae = fit(small_X, n_components=8, max_iter=60, **PENALTY_KW[penalty])
+    losses = [r["loss"] for r in sae.history_]
+    assert len(losses) > 10
+    for before, after in itertools.pairwise(losses):
+        assert after <= before + 1e-12 * abs(before)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("penalty", ["kl", "l1", "topk"])
+def test_adam_epoch_loss_decreases(small_X, penalty):
+    sae = fit(small_X, n_components=8, solver="adam", max_iter=15, batch_size=32,
+              learning_rate=1e-2, **PENALTY_KW[penalty])
+    losses = [r["loss"] for r in sae.history_]
+    assert len(losses) == 15
+    assert losses[-1] < losses[0]
+    assert all(math.isfinite(v) for v in losses)
+
+
+# ----------------------------------------------------------------- reproducibility
+@pytest.mark.parametrize("solver", ["lbfgs", "adam"])
+@pytest.mark.parametrize("penalty", ["kl", "topk"])
+def test_same_seed_same_weights_other_seed_other_weights(small_X, solver, penalty):
+    kw = dict(n_components=6, solver=solver, max_iter=12, batch_size=32, **PENALTY_KW[penalty])
+    a = fit(small_X, random_state=3, **kw)
+    b = fit(small_X, random_state=3, **kw)
+    c = fit(small_X, random_state=4, **kw)
+    assert np.array_equal(a.components_, b.components_)
+    assert np.array_equal(a.decoder_, b.decoder_)
+    assert np.array_equal(a.intercept_hidden_, b.intercept_hidden_)
+    assert a.history_ == b.history_
+    assert not np.array_equal(a.components_, c.components_)
+
+
+def test_initial_weights_depend_on_seed_only(small_X):
+    """Two Adam runs with one seed but different batch sizes (so different batch orders and
+    step counts) start from the same point: with a negligible step they end there."""
+    a = fit(small_X, n_components=4, solver="adam", max_iter=1, batch_size=200,
+            learning_rate=1e-12)
+    b = fit(small_X, n_components=4, solver="adam", max_iter=1, batch_size=16,
+            learning_rate=1e-12)
+    np.testing.assert_allclose(a.components_, b.components_, atol=1e-9)
+
+
+# ----------------------------------------------------------------- interrupt / resume
+class InterruptAt(Callback):
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def on_iteration_end(self, trainer):
+        if trainer.iteration == self.iteration:
+            raise KeyboardInterrupt
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.starts = 0
+        self.ends = 0
+        self.iterations = []
+
+    def on_fit_start(self, trainer):
+        self.starts += 1
+
+    def on_iteration_end(self, trainer):
+        self.iterations.append(trainer.iteration)
+        assert trainer.history[-1]["iteration"] == trainer.iteration
+
+    def on_fit_end(self, trainer):
+        self.ends += 1
+
+
+RESUME_CASES = [
+    ("lbfgs", "kl"),
+    ("adam", "kl"),
+    ("lbfgs", "l1"),
+    ("adam", "topk"),
+]
+
+
+@pytest.mark.parametrize(("solver", "penalty"), RESUME_CASES)
+def test_interrupted_fit_resumes_bitwise(tmp_path, small_X, solver, penalty):
+    kw = dict(n_components=6, solver=solver, max_iter=25, tol=0.0, batch_size=32,
+              **PENALTY_KW[penalty])
+    if penalty == "topk":
+        kw.update(aux_k=2, dead_window=64)
+    reference = fit(small_X, **kw)
+    assert reference.n_iter_ > 13
+
+    ckpt = tmp_path / "fit.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(small_X, checkpoint_path=str(ckpt), checkpoint_every=5,
+            callbacks=[InterruptAt(13)], **kw)
+    assert ckpt.is_file()
+    assert list(tmp_path.iterdir()) == [ckpt]  # no temporary file left behind
+
+    rec = Recorder()
+    resumed = fit(small_X, checkpoint_path=str(ckpt), checkpoint_every=5, callbacks=[rec], **kw)
+    # it really continued from the checkpoint of iteration 10, not from scratch
+    assert rec.iterations[0] == 11
+    assert rec.iterations[-1] == reference.n_iter_
+    assert resumed.n_iter_ == reference.n_iter_
+    assert np.array_equal(resumed.components_, reference.components_)
+    assert np.array_equal(resumed.decoder_, reference.decoder_)
+    assert np.array_equal(resumed.intercept_hidden_, reference.intercept_hidden_)
+    assert np.array_equal(resumed.intercept_visible_, reference.intercept_visible_)
+    assert resumed.history_ == reference.history_
+
+
+def test_resume_with_other_settings_raises_naming_checkpoint(tmp_path, small_X):
+    ckpt = tmp_path / "fit.ckpt"
+    fit(small_X, n_components=4, max_iter=5, checkpoint_path=str(ckpt))
+    with pytest.raises(ValueError, match=r"fit\.ckpt.*other settings.*beta"):
+        fit(small_X, n_components=4, max_iter=5, beta=1.0, checkpoint_path=str(ckpt))
+    with pytest.raises(ValueError, match=r"fit\.ckpt.*other settings"):
+        fit(small_X[:, :8], n_components=4, max_iter=5, checkpoint_path=str(ckpt))
+
+
+def test_resume_with_other_data_raises(tmp_path, small_X, other_X):
+    ckpt = tmp_path / "fit.ckpt"
+    fit(small_X, n_components=4, max_iter=5, checkpoint_path=str(ckpt))
+    with pytest.raises(ValueError, match=r"fit\.ckpt.*other training data"):
+        fit(other_X, n_components=4, max_iter=5, checkpoint_path=str(ckpt))
+
+
+def test_resume_with_larger_max_iter_continues(tmp_path, small_X):
+    ckpt = tmp_path / "fit.ckpt"
+    kw = dict(n_components=4, tol=0.0)
+    fit(small_X, max_iter=8, checkpoint_path=str(ckpt), **kw)
+    longer = fit(small_X, max_iter=15, checkpoint_path=str(ckpt), **kw)
+    reference = fit(small_X, max_iter=15, **kw)
+    assert longer.n_iter_ == 15
+    assert np.array_equal(longer.components_, reference.components_)
+    assert longer.history_ == reference.history_
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all" * 10,
+                                     b"\xff" * 8 + b"{}"])
+def test_corrupt_checkpoint_raises_file_format_error(tmp_path, small_X, content):
+    ckpt = tmp_path / "fit.ckpt"
+    ckpt.write_bytes(content)
+    with pytest.raises(FileFormatError, match=r"fit\.ckpt") as info:
+        fit(small_X, n_components=4, max_iter=5, checkpoint_path=str(ckpt))
+    assert isinstance(info.value, ValueError)
+    assert ckpt.read_bytes() == content  # left as it was
+
+
+def test_checkpoint_callback_rejects_bad_every(tmp_path):
+    with pytest.raises(ValueError, match="every"):
+        CheckpointCallback(tmp_path / "x", every=0)
+
+
+def test_checkpoint_written_every_n_iterations(tmp_path, small_X):
+    from sae_core.io import load_tensors
+
+    ckpt = tmp_path / "fit.ckpt"
+    seen = {}
+
+    class Watch(Callback):
+        def on_iteration_end(self, trainer):
+            seen[trainer.iteration] = (
+                load_tensors(ckpt)[1]["iteration"] if ckpt.exists() else None
+            )
+
+    fit(small_X, n_components=4, max_iter=7, tol=0.0, checkpoint_path=str(ckpt),
+        checkpoint_every=3, callbacks=[Watch()])
+    assert seen[1] is None and seen[2] is None
+    assert seen[4] == seen[5] == 3
+    assert seen[7] == 6
+    assert load_tensors(ckpt)[1]["iteration"] == 7  # written again at the end
+
+
+# ----------------------------------------------------------------- divergence
+def test_adam_absurd_learning_rate_diverges_with_clear_error(small_X):
+    with pytest.raises(TrainingDivergedError, match="loss became") as info:
+        fit(small_X, n_components=8, solver="adam", learning_rate=1e6, max_iter=20)
+    assert isinstance(info.value, FloatingPointError)
+    assert "learning_rate" in str(info.value)
+
+
+class _Poisoned:
+    """Wraps a real objective; from call ``bad_call`` on, its loss and terms are ``value``."""
+
+    def __init__(self, inner, bad_call, value):
+        self.inner, self.bad_call, self.value, self.calls = inner, bad_call, value, 0
+
+    def __call__(self, theta, X, dead=None):
+        self.calls += 1
+        ev = self.inner(theta, X, dead)
+        if self.calls >= self.bad_call:
+            loss = torch.full_like(ev.loss, self.value)
+            return Evaluation(loss, ev.grad, ev.terms * self.value, ev.fired)
+        return ev
+
+    def __getattr__(self, name):  # anything else the trainer asks of an objective
+        return getattr(self.inner, name)
+
+
+def _poisoned_make_objective(real_make_objective, bad_call, value):
+    def make(config, *args, **kwargs):
+        return _Poisoned(real_make_objective(config, *args, **kwargs), bad_call, value)
+
+    return make
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_adam_non_finite_loss_on_third_batch_stops(monkeypatch, small_X, value):
+    monkeypatch.setattr(T, "make_objective",
+                        _poisoned_make_objective(T.make_objective, 3, value))
+    rec = Recorder()
+    cfg = SAEConfig(n_components=4, penalty="l1", solver="adam", batch_size=50, max_iter=5,
+                    device="cpu")
+    trainer = Trainer(cfg, small_X.shape[1], [rec])
+    with pytest.raises(TrainingDivergedError, match=f"loss became {value}"):
+        trainer.fit(small_X)
+    assert rec.iterations == []  # it stopped inside the first epoch
+    assert trainer.history == []
+
+
+def test_lbfgs_non_finite_initial_loss_stops(monkeypatch, small_X):
+    monkeypatch.setattr(T, "make_objective",
+                        _poisoned_make_objective(T.make_objective, 1, math.nan))
+    cfg = SAEConfig(n_components=4, penalty="l1", max_iter=5, device="cpu")
+    with pytest.raises(TrainingDivergedError, match="initial point"):
+        Trainer(cfg, small_X.shape[1]).fit(small_X)
+
+
+# ----------------------------------------------------------------- callbacks & history
+@pytest.mark.parametrize("solver", ["lbfgs", "adam"])
+def test_callbacks_called_right_number_of_times(small_X, solver):
+    rec = Recorder()
+    sae = fit(small_X, n_components=4, solver=solver, max_iter=9, tol=0.0, batch_size=50,
+              callbacks=[rec])
+    assert sae.n_iter_ == 9
+    assert rec.starts == 1
+    assert rec.ends == 1
+    assert rec.iterations == list(range(1, 10))
+
+
+def test_lbfgs_history_starts_at_initial_point(small_X):
+    cfg = SAEConfig(n_components=4, max_iter=6, tol=0.0, device="cpu", dtype="float64")
+    trainer = Trainer(cfg, small_X.shape[1])
+    theta0 = trainer.theta.clone()
+    trainer.fit(small_X)
+    h = trainer.history
+    assert [r["iteration"] for r in h] == list(range(7))
+    ev = T.make_objective(cfg)(theta0, trainer.as_data(small_X))
+    assert h[0]["loss"] == pytest.approx(float(ev.loss), rel=1e-12)
+    for r in h:
+        assert set(r) == {"iteration", "loss", *TERM_NAMES}
+        assert math.isclose(r["loss"], math.fsum(r[k] for k in TERM_NAMES), rel_tol=1e-12)
+
+
+def test_adam_history_is_epoch_mean_of_batches(small_X):
+    sae = fit(small_X, n_components=4, solver="adam", max_iter=3, batch_size=64)
+    for i, r in enumerate(sae.history_):
+        assert r["iteration"] == i + 1
+        assert math.isclose(r["loss"], math.fsum(r[k] for k in TERM_NAMES), rel_tol=1e-12)
+
+
+def test_history_final_reconstruction_matches_model(small_X):
+    """The last L-BFGS record is the loss of the published parameters."""
+    for penalty in ("kl", "l1"):
+        sae = fit(small_X, n_components=5, max_iter=20, dtype="float64", **PENALTY_KW[penalty])
+        X_hat = sae.reconstruct(small_X)
+        recon = 0.5 * np.sum((X_hat - small_X) ** 2) / small_X.shape[0]
+        assert sae.history_[-1]["reconstruction"] == pytest.approx(recon, rel=1e-10)
+
+
+def test_trainer_pickle_holds_no_training_data(small_X):
+    X = np.random.default_rng(5).uniform(0.1, 0.9, size=(20_000, 16))
+    trainer = Trainer(SAEConfig(n_components=3, max_iter=2, lbfgs_history=2, device="cpu"), 16)
+    trainer.fit(X)
+    blob = pickle.dumps(trainer)
+    assert len(blob) < X.nbytes / 20
+    clone = pickle.loads(blob)
+    assert torch.equal(clone.theta, trainer.theta)
+
+
+# ----------------------------------------------------------------- TopK / L1 / AuxK
+def test_topk_transform_at_most_k_active(small_X):
+    for k in (1, 3):
+        sae = fit(small_X, n_components=8, penalty="topk", k=k, max_iter=15)
+        A = sae.transform(small_X)
+        assert A.shape == (200, 8)
+        assert int((A != 0).sum(axis=1).max()) <= k
+        assert (A >= 0).all()
+        assert (A != 0).sum() > 0
+
+
+@pytest.mark.parametrize("penalty", ["l1", "topk"])
+@pytest.mark.parametrize("solver", ["lbfgs", "adam"])
+def test_decoder_columns_unit_norm(small_X, penalty, solver):
+    sae = fit(small_X, n_components=6, solver=solver, max_iter=10, batch_size=50,
+              **PENALTY_KW[penalty])
+    np.testing.assert_allclose(np.linalg.norm(sae.decoder_, axis=0), 1.0, rtol=1e-5)
+
+
+def test_l1_relu_codes(small_X):
+    sae = fit(small_X, n_components=6, penalty="l1", max_iter=10)
+    A = sae.transform(small_X)
+    assert (A >= 0).all()
+
+
+def test_auxk_runs_and_auxiliary_term_is_finite_non_negative():
+    # 20 examples, 32 latents, k = 1: most latents never fire, so AuxK is active
+    X = np.random.default_rng(0).uniform(0.1, 0.9, size=(20, 16))
+    sae = fit(X, n_components=32, penalty="topk", k=1, aux_k=4, solver="adam", max_iter=10,
+              batch_size=8, dead_window=16)
+    aux = [r["auxiliary"] for r in sae.history_]
+    assert all(math.isfinite(v) and v >= 0 for v in aux)
+    assert max(aux) > 0  # the AuxK term actually contributed
+    assert sae.n_iter_ >= 1
+
+
+def test_auxk_with_lbfgs_is_refused_at_fit(small_X):
+    sae = SparseAutoencoder(8, penalty="topk", k=1, aux_k=2, solver="lbfgs")
+    with pytest.raises(ValueError, match="aux_k must be None unless solver='adam'"):
+        sae.fit(small_X)
+
+
+def test_auxk_off_gives_zero_auxiliary(small_X):
+    sae = fit(small_X, n_components=8, penalty="topk", k=1, max_iter=5)
+    assert all(r["auxiliary"] == 0.0 for r in sae.history_)
