@@ -161,10 +161,11 @@ class LBFGS:
             w1 = R^-T ((D + gamma Y'Y) w2 - gamma Y'g)
 
         with S, Y (N, k) the pairs oldest first, R the upper triangle of S'Y and D its
-        diagonal. Two matrix-vector products with the (2h, N) pair matrix on the device
-        and k x k algebra in float64 numpy on the host (microseconds, where a torch call
-        costs ~10 us), whatever k, instead of the 4k vector operations of the two-loop
-        recursion, which dominate an iteration's cost for k = 100 and small N.
+        diagonal. One product with the (2h, N) pair matrix on the device (two when the
+        cached ``pairs @ g`` is stale) and k x k algebra in float64 numpy on the host
+        (microseconds, where a torch call costs ~10 us), whatever k, instead of the 4k
+        vector operations of the two-loop recursion, which dominate an iteration's cost
+        for k = 100 and small N.
         """
         k = st.n_pairs
         if k == 0:
