@@ -72,6 +72,46 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    """params.yaml's ingest.sources -> one Parquet dataset and its JSON manifest."""
+    from flows.params import load_params, section
+    from sae_core.dataset import write_dataset
+    from sae_core.sources import ingest
+
+    cfg = section(load_params(args.params), "ingest", args.params)
+    unknown = sorted(set(cfg) - {"sources"})
+    if unknown:
+        raise ValueError(f"{args.params}: unknown key(s) in ingest: {', '.join(unknown)}")
+    root = Path(args.params).resolve().parent
+    # everything is read and checked before anything is written
+    images = ingest(cfg.get("sources") or [], root=root, data_dir=root / args.data_dir)
+    manifest = write_dataset(args.out, args.manifest, images)
+    shapes = ", ".join(f"{k} x{v}" for k, v in sorted(manifest.get("shapes", {}).items()))
+    print(f"ingested {len(images)} images ({shapes}) -> {args.out}")
+    if images.skipped:
+        print(f"skipped {len(images.skipped)} non-image file(s); listed in {args.manifest}")
+    return 0
+
+
+def _cmd_patches(args: argparse.Namespace) -> int:
+    """A dataset + params.yaml's patches section -> the patch store and the fitted transform."""
+    from flows.params import load_params, section
+    from sae_core.dataset import read_dataset
+    from sae_core.io import sha256_file
+    from sae_core.patch_store import write_patch_store
+    from sae_core.patches import PatchConfig, make_patches
+
+    config = PatchConfig.from_dict(section(load_params(args.params), "patches", args.params))
+    images = read_dataset(args.dataset)
+    # compute everything first: a bad setting or image writes nothing
+    train, heldout, transform = make_patches(images.images, config)
+    write_patch_store(args.out, train, heldout, config.to_dict(), sha256_file(args.dataset))
+    transform.save(args.transform)
+    print(f"{train.shape[0]} training and {heldout.shape[0]} held-out patches of "
+          f"{train.shape[1]} values -> {args.out}; transform -> {args.transform}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saeflow",
@@ -88,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, default=4, help="patch side (inputs = patch**2)")
     p.add_argument("--hidden", type=int, default=6)
     p.set_defaults(func=_cmd_gradcheck)
+
+    p = sub.add_parser("ingest", help="read the sources of params.yaml into a Parquet dataset")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", required=True, help="Parquet file to write")
+    p.add_argument("--manifest", required=True, help="JSON manifest to write")
+    p.add_argument("--data-dir", default="data", help="where downloads go (relative to params)")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("patches", help="cut, whiten and normalise patches of a dataset")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--dataset", required=True, help="Parquet dataset written by ingest")
+    p.add_argument("--out", required=True, help="patch store (Arrow IPC) to write")
+    p.add_argument("--transform", required=True, help="fitted transform (safetensors) to write")
+    p.set_defaults(func=_cmd_patches)
 
     p = sub.add_parser("exercise", help="run the UFLDL sparse-autoencoder exercise")
     p.add_argument("--out", default="outputs/exercise", help="output folder")

@@ -23,6 +23,15 @@ MODEL_CONFIG = "config.json"
 FORMAT_VERSION = 1
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class FileFormatError(ValueError):
     """A file that is missing, corrupt or not what it claims to be; the message names it."""
 
@@ -37,6 +46,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600 (and some writers replace the file): outputs get the usual mode
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -1,6 +1,28 @@
-"""Whitening, patch sampling and normalisation (the data side of the UFLDL exercise)."""
+"""Whitening, patch sampling and normalisation (the data side of the UFLDL exercise).
+
+The pieces, in the order :func:`make_patches` applies them:
+
+1. per-image whitening: ``'none'`` or ``'1f'`` (:func:`whiten_1f`, per channel for colour);
+2. sampling: ``'random'`` (:func:`sample_random_patches`, the exercise's scheme, fast) or
+   ``'dense'`` (:func:`extract_dense`, every patch on a strided grid);
+3. a seeded train / held-out split (:func:`split_heldout`);
+4. normalisation (+ optional ZCA) fitted on the training patches only
+   (:class:`PatchTransform`) and applied to both sets.
+
+Patches are flattened row-major; colour patches (p, p, C) channels-last, so a patch's
+dimension is ``p*p`` (grayscale) or ``p*p*C``.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -80,3 +102,707 @@ def natural_patches(n_patches: int = 10_000, patch_size: int = 8, seed: int = 0)
 
     images = [whiten_1f(img) for img in load_natural_images()]
     return normalize_ufldl(sample_patches(images, n_patches, patch_size, seed))
+
+
+# =============================================================================== images
+WHITENINGS = ("none", "1f")
+NORMALISATIONS = ("ufldl", "contrast", "minmax", "none")
+SAMPLINGS = ("random", "dense")
+
+CONTRAST_EPS_DEFAULT = 10.0 / 255.0**2
+"""Coates et al. (2011) add 10 to each patch's variance, for pixels on a 0-255 scale; the
+same regularisation for pixels in [0, 1] (the scale of :mod:`sae_core.data`) is 10/255^2."""
+
+
+def check_images(images: Sequence[np.ndarray], patch_size: int | None = None) -> list[np.ndarray]:
+    """Validate a list of images: each (H, W) grayscale or (H, W, C) colour, all of one kind
+    (and one C), finite, and (if ``patch_size`` is given) at least patch_size x patch_size.
+
+    Returns the images as numpy arrays (no copies). Raises ValueError naming the image.
+    """
+    if isinstance(images, np.ndarray):
+        raise ValueError(
+            "images must be a sequence (list) of arrays, one per image; wrap a single "
+            f"image in a list (got one array of shape {images.shape})"
+        )
+    arrays = [np.asarray(img) for img in images]
+    if not arrays:
+        raise ValueError("images is empty: need at least one image")
+    first_kind = None
+    for i, img in enumerate(arrays):
+        if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] < 1):
+            raise ValueError(
+                f"image {i} has shape {img.shape}; need (H, W) grayscale or (H, W, C) colour"
+            )
+        if not (np.issubdtype(img.dtype, np.floating) or np.issubdtype(img.dtype, np.integer)):
+            raise ValueError(f"image {i} has dtype {img.dtype}; need a real-valued image")
+        kind = None if img.ndim == 2 else img.shape[2]
+        if i == 0:
+            first_kind = kind
+        elif kind != first_kind:
+            raise ValueError(
+                f"images mix grayscale and colour (or channel counts): image 0 has shape "
+                f"{arrays[0].shape}, image {i} has shape {img.shape}"
+            )
+        if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
+            raise ValueError(f"image {i} of shape {img.shape} contains NaN or Inf pixels")
+        if patch_size is not None and min(img.shape[:2]) < patch_size:
+            raise ValueError(
+                f"image {i} of shape {img.shape} is smaller than the "
+                f"{patch_size}x{patch_size} patch"
+            )
+    return arrays
+
+
+def whiten_images(
+    images: Sequence[np.ndarray], whitening: str = "1f", f0: float = 0.4
+) -> list[np.ndarray]:
+    """Per-image whitening: ``'none'`` (images returned as they are) or ``'1f'``
+    (:func:`whiten_1f`, float64, each colour channel whitened on its own)."""
+    if whitening not in WHITENINGS:
+        raise ValueError(f"whitening must be one of {WHITENINGS}; got {whitening!r}")
+    arrays = check_images(images)
+    if whitening == "none":
+        return arrays
+    out = []
+    for img in arrays:
+        if img.ndim == 2:
+            out.append(whiten_1f(img, f0))
+        else:
+            out.append(np.stack([whiten_1f(img[..., c], f0) for c in range(img.shape[2])], -1))
+    return out
+
+
+def _n_channels(img: np.ndarray) -> int:
+    return 1 if img.ndim == 2 else img.shape[2]
+
+
+# ============================================================================== sampling
+def extract_dense(
+    image: np.ndarray, patch_size: int, stride: int = 1, *, dtype: Any = np.float32
+) -> np.ndarray:
+    """Every patch_size x patch_size patch whose top-left corner lies on the grid
+    (0, stride, 2 stride, ...) in both directions, in row-major grid order.
+
+    Returns (n_rows * n_cols, p*p) for a grayscale (H, W) image, (n, p*p*C) for a colour
+    (H, W, C) one (each patch (p, p, C) flattened row-major, channels last), where
+    n_rows = (H - p) // stride + 1 and n_cols = (W - p) // stride + 1.
+    """
+    if not _is_int(patch_size) or patch_size < 1:
+        raise ValueError(f"patch_size must be an integer >= 1; got {patch_size!r}")
+    if not _is_int(stride) or stride < 1:
+        raise ValueError(f"stride must be an integer >= 1; got {stride!r}")
+    (img,) = check_images([image], patch_size)
+    p = int(patch_size)
+    c = _n_channels(img)
+    img3 = img.reshape(img.shape[0], img.shape[1], c)
+    win = sliding_window_view(img3, (p, p), axis=(0, 1))[::stride, ::stride]  # (nh, nw, C, p, p)
+    nh, nw = win.shape[:2]
+    out = np.empty((nh * nw, p * p * c), dtype=dtype)
+    np.copyto(out.reshape(nh, nw, p, p, c), win.transpose(0, 1, 3, 4, 2), casting="unsafe")
+    return out
+
+
+_GATHER_BYTES = 4 << 20  # bytes of patches gathered per chunk (a temporary of this size)
+
+
+def _default_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(4, n))
+
+
+def _run_chunks(fn: Callable[[int, int], None], total: int, chunk: int, n_threads: int) -> None:
+    """Call fn(a, b) on [0, total) in chunks; with threads when there is more than one chunk.
+    Each call writes its own rows of the output, so the result does not depend on threads."""
+    bounds = [(a, min(total, a + chunk)) for a in range(0, total, chunk)]
+    if n_threads <= 1 or len(bounds) <= 1:
+        for a, b in bounds:
+            fn(a, b)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(n_threads, len(bounds))) as pool:
+        for _ in pool.map(lambda ab: fn(*ab), bounds):
+            pass
+
+
+def sample_random_patches(
+    images: Sequence[np.ndarray],
+    n_patches: int,
+    patch_size: int,
+    seed: int,
+    *,
+    dtype: Any = np.float32,
+    n_threads: int | None = None,
+) -> np.ndarray:
+    """Random patches as in the exercise, fast: for each patch a random image, then a random
+    top-left corner, with exactly the random draws of :func:`sample_patches` (so for float64
+    output and grayscale images the result equals ``sample_patches`` byte for byte; float32
+    output holds the same pixels rounded to float32). Grayscale (H, W) or colour (H, W, C)
+    images; returns (n_patches, p*p*C) of ``dtype``, row-major, channels last.
+
+    How: an image that gives at least as many patch bytes as p times its own size is copied
+    once into a "column table" T[c, r] = img[r, c:c+p] (p times the image), in which every
+    patch is one contiguous run of p*p*C values, so one indexed copy moves a whole patch.
+    When every image qualifies and all tables together are no larger than the output, one
+    table holds them all and the output is filled in order, 4 MB of patches at a time
+    (``n_threads`` threads share the chunks; default: up to 4, as many as the process may
+    use). Otherwise images are taken one at a time, from a reused table or (few patches)
+    row by row straight from the image, and the patches are scattered to their rows with
+    ``np.put``. Extra memory: the tables (never more than the output), a few int64 arrays of
+    n_patches, 4 MB temporaries per thread. The result does not depend on ``n_threads``.
+    """
+    if not _is_int(n_patches) or n_patches < 1:
+        raise ValueError(f"n_patches must be an integer >= 1; got {n_patches!r}")
+    if not _is_int(patch_size) or patch_size < 1:
+        raise ValueError(f"patch_size must be an integer >= 1; got {patch_size!r}")
+    imgs = check_images(images, patch_size)
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"dtype must be a floating-point type; got {dtype}")
+    n_threads = _default_threads() if n_threads is None else max(1, int(n_threads))
+    n, p = int(n_patches), int(patch_size)
+    c = _n_channels(imgs[0])
+    d = p * p * c
+    isz = dtype.itemsize
+    row_t = np.dtype((np.void, p * c * isz))  # one patch row: p*C values
+    patch_t = np.dtype((np.void, d * isz))  # one whole patch
+
+    # the draws of sample_patches: image per patch; per image (in image order) rows then cols
+    rng = np.random.default_rng(seed)
+    which = rng.integers(len(imgs), size=n)
+    counts = np.bincount(which, minlength=len(imgs))
+    key = which.astype(np.uint8 if len(imgs) <= 256 else np.uint16) if len(imgs) <= 65536 else which
+    order = np.argsort(key, kind="stable")  # slots grouped by image, ascending within each
+    del which, key
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+
+    out = np.empty((n, d), dtype=dtype)
+    out_p = out.view(patch_t).reshape(n)
+    chunk = max(1, _GATHER_BYTES // (d * isz))
+    shapes = [img.shape[:2] for img in imgs]
+    table_rows = [(w - p + 1) * h for h, w in shapes]  # rows of p*C values per image table
+    table_bytes = [t * p * c * isz for t in table_rows]
+    tabled = [tb <= k * d * isz for tb, k in zip(table_bytes, counts, strict=True)]
+
+    if all(tabled) and sum(table_bytes) <= out.nbytes:
+        # one table for all images; output filled in order
+        tbase = np.concatenate([[0], np.cumsum(table_rows)])
+        table = np.empty((int(tbase[-1]), p * c), dtype=dtype)
+        base = np.empty(n, dtype=np.int64)
+        for i, (h, w) in enumerate(shapes):
+            slots = order[bounds[i] : bounds[i + 1]]
+            if slots.size == 0:  # as sample_patches: no draws for an image without patches
+                continue
+            rows = rng.integers(h - p + 1, size=slots.size)
+            cols = rng.integers(w - p + 1, size=slots.size)
+            cols *= h
+            cols += rows
+            cols += tbase[i]
+            base[slots] = cols
+        del order
+
+        def build(i: int, _b: int) -> None:
+            _fill_table(table[tbase[i] : tbase[i + 1]], imgs[i], p)
+
+        _run_chunks(build, len(imgs), 1, n_threads)
+        src = np.ndarray(
+            shape=(table.shape[0] - p + 1,), dtype=patch_t, buffer=table, strides=(p * c * isz,)
+        )
+
+        def gather(a: int, b: int) -> None:
+            out_p[a:b] = src[base[a:b]]
+
+        _run_chunks(gather, n, chunk, n_threads)
+        return out
+
+    # image by image: gather (from a table or straight from the image) and scatter
+    big = max((tb for tb, t in zip(table_bytes, tabled, strict=True) if t), default=0) // isz
+    table_buf = np.empty(big, dtype=dtype) if big else None
+    for i, ((h, w), img) in enumerate(zip(shapes, imgs, strict=True)):
+        slots = order[bounds[i] : bounds[i + 1]]
+        if slots.size == 0:
+            continue
+        rows = rng.integers(h - p + 1, size=slots.size)
+        cols = rng.integers(w - p + 1, size=slots.size)
+        if tabled[i]:
+            table = table_buf[: table_rows[i] * p * c].reshape(table_rows[i], p * c)
+            _fill_table(table, img, p)
+            src = np.ndarray(
+                shape=(table_rows[i] - p + 1,), dtype=patch_t, buffer=table,
+                strides=(p * c * isz,),
+            )
+            cols *= h
+        else:
+            flat = np.ascontiguousarray(img, dtype=dtype)
+            src = np.ndarray(
+                shape=((h - p) * w + (w - p) + 1, p), dtype=row_t, buffer=flat,
+                strides=(c * isz, w * c * isz),
+            )
+            rows *= w
+        cols += rows  # flat start index of every patch of image i
+        del rows
+
+        def scatter(a: int, b: int, src=src, slots=slots, starts=cols) -> None:
+            np.put(out_p, slots[a:b], src[starts[a:b]].view(patch_t).reshape(b - a), mode="clip")
+
+        _run_chunks(scatter, slots.size, chunk, n_threads)
+    return out
+
+
+def _fill_table(table: np.ndarray, img: np.ndarray, p: int) -> None:
+    """table (rows, p*C) <- T[c, r] = img[r, c:c+p] (all channels), for c in [0, W-p]."""
+    h, w = img.shape[:2]
+    c = _n_channels(img)
+    win = sliding_window_view(img.reshape(h, w, c), p, axis=1)  # (H, W-p+1, C, p)
+    np.copyto(table.reshape(w - p + 1, h, p, c), win.transpose(1, 0, 3, 2), casting="unsafe")
+
+
+def split_heldout(
+    n: int, heldout_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train / held-out split of n rows: round(n * heldout_fraction) held-out rows
+    chosen at random (stream ``default_rng([seed, 1])``, independent of the sampling's).
+    Returns (train_rows, heldout_rows), each sorted ascending (int64)."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1); got {heldout_fraction!r}")
+    n_held = round(n * heldout_fraction)
+    if n_held == 0:
+        return np.arange(n, dtype=np.int64), np.empty(0, dtype=np.int64)
+    if n_held >= n:
+        raise ValueError(
+            f"heldout_fraction {heldout_fraction} of {n} patches leaves no training patches"
+        )
+    rng = np.random.default_rng([seed, 1])
+    held = np.sort(rng.choice(n, size=n_held, replace=False)).astype(np.int64)
+    mask = np.ones(n, dtype=bool)
+    mask[held] = False
+    return np.flatnonzero(mask).astype(np.int64), held
+
+
+# ========================================================================= normalisation
+_ROWS = 8192  # rows per chunk in the float64 transform passes
+
+
+def _row_chunks(m: int) -> Iterator[tuple[int, int]]:
+    for a in range(0, m, _ROWS):
+        yield a, min(m, a + _ROWS)
+
+
+def _as_patches(patches: np.ndarray, name: str = "patches") -> np.ndarray:
+    x = np.asarray(patches)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (m, d); got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"{name} must be real-valued; got dtype {x.dtype}")
+    return x
+
+
+def normalize_contrast(
+    patches: np.ndarray, contrast_eps: float = CONTRAST_EPS_DEFAULT
+) -> np.ndarray:
+    """Coates, Lee & Ng (2011) per-patch contrast normalisation, (m, d) -> (m, d) float64:
+    ``(x - mean(x)) / sqrt(var(x) + contrast_eps)``, mean and variance (ddof=0) over each
+    patch's own d values. Each output patch has mean 0 and variance var / (var + eps).
+
+    ``contrast_eps`` is in squared pixel units: the paper's 10 is for pixels in 0-255;
+    the default 10/255^2 is the same for pixels in [0, 1]. After '1f' whitening (unit
+    variance per image) choose it relative to 1. (The paper's MATLAB code uses var with
+    d - 1 in the denominator; here it is d.)
+    """
+    x = _as_patches(patches).astype(np.float64)
+    return _per_patch(x, "contrast", contrast_eps)
+
+
+def _per_patch(x: np.ndarray, normalisation: str, contrast_eps: float) -> np.ndarray:
+    """Stage 1 (per patch, nothing fitted), in place on a float64 array."""
+    if normalisation in ("ufldl", "contrast"):
+        x -= x.mean(axis=1, keepdims=True)
+    if normalisation == "contrast":
+        var = np.mean(x * x, axis=1, keepdims=True)
+        var += contrast_eps
+        x /= np.sqrt(var)
+    return x
+
+
+@dataclass(frozen=True, eq=False)
+class ZCA:
+    """ZCA whitening fitted on patches: ``apply(x) = (x - mean) @ matrix``, with
+    ``matrix = U diag(1 / sqrt(S + epsilon)) U^T`` from the eigen-decomposition
+    ``U diag(S) U^T`` of the covariance (divided by m) of the mean-removed patches."""
+
+    mean: np.ndarray
+    """Mean patch, (d,) float64."""
+    matrix: np.ndarray
+    """Symmetric whitening matrix W, (d, d) float64."""
+    epsilon: float
+    """Regulariser added to the eigenvalues (> 0)."""
+
+    def apply(self, patches: np.ndarray) -> np.ndarray:
+        """(m, d) -> (m, d) float64 whitened patches."""
+        x = _as_patches(patches)
+        if x.shape[1] != self.mean.shape[0]:
+            raise ValueError(
+                f"patches have {x.shape[1]} values; this ZCA expects {self.mean.shape[0]}"
+            )
+        return (x.astype(np.float64) - self.mean) @ self.matrix
+
+
+def fit_zca(patches: np.ndarray, epsilon: float = 0.1) -> ZCA:
+    """Fit :class:`ZCA` whitening on patches (m, d); float64 arithmetic, chunked."""
+    x = _as_patches(patches)
+    return _fit_zca(x, lambda chunk: chunk, epsilon)
+
+
+def _fit_zca(x: np.ndarray, stage: Callable[[np.ndarray], np.ndarray], epsilon: float) -> ZCA:
+    if not (_is_real(epsilon) and epsilon > 0):
+        raise ValueError(f"zca epsilon must be a number > 0; got {epsilon!r}")
+    m, d = x.shape
+    if m < 2:
+        raise ValueError(f"ZCA needs at least 2 patches; got {m}")
+    total = np.zeros(d)
+    for a, b in _row_chunks(m):
+        total += stage(x[a:b].astype(np.float64)).sum(axis=0)
+    mean = total / m
+    cov = np.zeros((d, d))
+    for a, b in _row_chunks(m):
+        xc = stage(x[a:b].astype(np.float64))
+        xc -= mean
+        cov += xc.T @ xc
+    cov /= m
+    s, u = np.linalg.eigh(cov)
+    s = np.clip(s, 0.0, None)
+    w = (u / np.sqrt(s + epsilon)) @ u.T
+    w = 0.5 * (w + w.T)
+    return ZCA(mean=mean, matrix=w, epsilon=float(epsilon))
+
+
+TRANSFORM_FORMAT = "saeflow-patch-transform"
+TRANSFORM_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class PatchTransform:
+    """Normalisation (and optional ZCA) fitted on training patches, re-applied identically
+    to any patches (held-out, scoring). Three stages:
+
+    1. per patch (nothing fitted): 'ufldl' removes the patch's mean; 'contrast' computes
+       ``(x - mean) / sqrt(var + contrast_eps)`` (:func:`normalize_contrast`);
+    2. ZCA (if fitted): ``(x - zca.mean) @ zca.matrix``;
+    3. global range (fitted): 'ufldl' clips to +/- ``clip`` (3 std of all training values)
+       and maps [-clip, clip] linearly to [0.1, 0.9]; 'minmax' maps [minimum, maximum] of
+       the training values to [0, 1] and clips other patches into [0, 1].
+
+    Without ZCA, 'ufldl' is :func:`normalize_ufldl` with the std taken from the training
+    patches. Saved as safetensors (ZCA arrays) + JSON (the rest); nothing is pickled.
+    """
+
+    normalisation: str
+    """'ufldl', 'contrast', 'minmax' or 'none'."""
+    n_features: int
+    """Values per patch d."""
+    contrast_eps: float = CONTRAST_EPS_DEFAULT
+    """Added to each patch's variance ('contrast' only); squared pixel units."""
+    clip: float | None = None
+    """'ufldl': 3 x the std of all (stage 1-2) training values."""
+    minimum: float | None = None
+    """'minmax': smallest (stage 1-2) training value."""
+    maximum: float | None = None
+    """'minmax': largest (stage 1-2) training value."""
+    zca: ZCA | None = None
+    """ZCA whitening fitted after stage 1, or None."""
+
+    def __post_init__(self) -> None:
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"normalisation must be one of {NORMALISATIONS}; got {self.normalisation!r}"
+            )
+        if self.normalisation == "ufldl" and self.clip is None:
+            raise ValueError("a 'ufldl' PatchTransform needs its fitted clip value")
+        if self.normalisation == "minmax" and (self.minimum is None or self.maximum is None):
+            raise ValueError("a 'minmax' PatchTransform needs its fitted minimum and maximum")
+
+    @classmethod
+    def fit(
+        cls,
+        patches: np.ndarray,
+        normalisation: str = "ufldl",
+        *,
+        zca: bool = False,
+        zca_epsilon: float = 0.1,
+        contrast_eps: float = CONTRAST_EPS_DEFAULT,
+    ) -> PatchTransform:
+        """Fit on training patches (m, d) (any float dtype; float64 arithmetic, chunked)."""
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"normalisation must be one of {NORMALISATIONS}; got {normalisation!r}"
+            )
+        if not (_is_real(contrast_eps) and contrast_eps > 0):
+            raise ValueError(f"contrast_eps must be a number > 0; got {contrast_eps!r}")
+        x = _as_patches(patches)
+        m, d = x.shape
+        if m < 1:
+            raise ValueError("cannot fit a PatchTransform on 0 patches")
+        eps = float(contrast_eps)
+
+        def stage1(chunk: np.ndarray) -> np.ndarray:
+            return _per_patch(chunk, normalisation, eps)
+
+        z = _fit_zca(x, stage1, zca_epsilon) if zca else None
+        fields: dict[str, Any] = {}
+        if normalisation in ("ufldl", "minmax"):
+            count, mean, m2 = 0, 0.0, 0.0
+            lo, hi = math.inf, -math.inf
+            for a, b in _row_chunks(m):
+                y = stage1(x[a:b].astype(np.float64))
+                if z is not None:
+                    y = (y - z.mean) @ z.matrix
+                if normalisation == "minmax":
+                    lo, hi = min(lo, float(y.min())), max(hi, float(y.max()))
+                    continue
+                k = y.size  # Chan et al.: merge count, mean and sum of squared deviations
+                cm = float(y.mean())
+                cm2 = float(np.sum((y - cm) ** 2))
+                delta = cm - mean
+                tot = count + k
+                mean += delta * k / tot
+                m2 += cm2 + delta * delta * count * k / tot
+                count = tot
+            if normalisation == "ufldl":
+                fields["clip"] = 3.0 * math.sqrt(m2 / count)
+            else:
+                fields["minimum"], fields["maximum"] = lo, hi
+        return cls(normalisation=normalisation, n_features=d, contrast_eps=eps, zca=z, **fields)
+
+    def apply(
+        self, patches: np.ndarray, *, out: np.ndarray | None = None, dtype: Any = np.float32
+    ) -> np.ndarray:
+        """Transform patches (m, d) -> (m, d) of ``dtype`` (float64 arithmetic, chunked).
+        ``out`` may be given (shape (m, d)), also ``patches`` itself for in-place use."""
+        x = _as_patches(patches)
+        if x.shape[1] != self.n_features:
+            raise ValueError(
+                f"patches have {x.shape[1]} values each; this transform was fitted on "
+                f"{self.n_features}"
+            )
+        if out is None:
+            out = np.empty(x.shape, dtype=dtype)
+        elif out.shape != x.shape:
+            raise ValueError(f"out has shape {out.shape}; need {x.shape}")
+        for a, b in _row_chunks(x.shape[0]):
+            out[a:b] = self._apply64(x[a:b].astype(np.float64))
+        return out
+
+    def _apply64(self, y: np.ndarray) -> np.ndarray:
+        y = _per_patch(y, self.normalisation, self.contrast_eps)
+        if self.zca is not None:
+            y = (y - self.zca.mean) @ self.zca.matrix
+        if self.normalisation == "ufldl":
+            c = self.clip
+            if c == 0:
+                y.fill(0.5)
+                return y
+            np.clip(y, -c, c, out=y)
+            y /= c
+            y += 1.0
+            y *= 0.4
+            y += 0.1
+        elif self.normalisation == "minmax":
+            span = self.maximum - self.minimum
+            y -= self.minimum
+            if span > 0:
+                y /= span
+            else:
+                y.fill(0.0)
+            np.clip(y, 0.0, 1.0, out=y)
+        return y
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON part (everything but the ZCA arrays)."""
+        return {
+            "format": TRANSFORM_FORMAT,
+            "format_version": TRANSFORM_VERSION,
+            "normalisation": self.normalisation,
+            "n_features": self.n_features,
+            "contrast_eps": self.contrast_eps,
+            "clip": self.clip,
+            "minimum": self.minimum,
+            "maximum": self.maximum,
+            "zca_epsilon": None if self.zca is None else self.zca.epsilon,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One safetensors file (ZCA mean and matrix, if any) with the settings and fitted
+        numbers as JSON in its header; written atomically."""
+        from sae_core.io import save_tensors
+
+        tensors = {}
+        if self.zca is not None:
+            tensors = {"zca_mean": self.zca.mean, "zca_matrix": self.zca.matrix}
+        save_tensors(path, tensors, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PatchTransform:
+        """Read a file written by :meth:`save`; anything inconsistent is a ValueError
+        (:class:`sae_core.io.FileFormatError`) naming the file."""
+        from sae_core.io import FileFormatError, load_tensors
+
+        p = Path(path)
+        arrays, meta = load_tensors(p)
+        if (meta.get("format"), meta.get("format_version")) != (
+            TRANSFORM_FORMAT,
+            TRANSFORM_VERSION,
+        ):
+            raise FileFormatError(f"{p}: not a saeflow patch transform (format/format_version)")
+        try:
+            d = int(meta["n_features"])
+            z = None
+            if meta["zca_epsilon"] is not None:
+                mean, w = arrays["zca_mean"], arrays["zca_matrix"]
+                if mean.shape != (d,) or w.shape != (d, d):
+                    raise ValueError(f"ZCA arrays of shapes {mean.shape}, {w.shape}; need d={d}")
+                z = ZCA(mean=mean.astype(np.float64), matrix=w.astype(np.float64),
+                        epsilon=float(meta["zca_epsilon"]))
+            return cls(
+                normalisation=meta["normalisation"], n_features=d,
+                contrast_eps=float(meta["contrast_eps"]), clip=meta["clip"],
+                minimum=meta["minimum"], maximum=meta["maximum"], zca=z,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FileFormatError(f"{p}: inconsistent patch transform ({exc!r})") from None
+
+
+# ================================================================================ config
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def _fail(name: str, allowed: str, value: Any) -> None:
+    raise ValueError(f"PatchConfig.{name} must be {allowed}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """How :func:`make_patches` turns images into training and held-out patches.
+
+    The defaults reproduce the UFLDL exercise: 10,000 random 8x8 patches of 1/f-whitened
+    images, UFLDL normalisation (per-patch mean removed, +/-3 std clip, [0.1, 0.9]).
+    """
+
+    patch_size: int = 8
+    """Side p of the square patches, in pixels (>= 1)."""
+    n_patches: int = 10_000
+    """Number of patches sampled, training and held-out together (>= 1; 'random' only:
+    'dense' takes every patch on its grid)."""
+    whitening: str = "1f"
+    """Per-image whitening before sampling: 'none' or '1f' (Olshausen & Field, f0 0.4)."""
+    zca: bool = False
+    """Fit ZCA whitening on the (stage-1 normalised) training patches and apply it."""
+    zca_epsilon: float = 0.1
+    """Added to the covariance eigenvalues in ZCA (> 0; Coates et al. use 0.1)."""
+    normalisation: str = "ufldl"
+    """'ufldl', 'contrast' (Coates et al. 2011), 'minmax' ([0, 1] from the training
+    patches' range) or 'none'; see :class:`PatchTransform`."""
+    contrast_eps: float = CONTRAST_EPS_DEFAULT
+    """Added to each patch's variance in 'contrast' (> 0), in squared pixel units: the
+    paper's 10 for 0-255 pixels is 10/255^2 for [0, 1] pixels (the default)."""
+    sampling: str = "random"
+    """'random' (a random image, then a random location, per patch) or 'dense' (every
+    patch on a grid of step ``stride``)."""
+    stride: int = 1
+    """Grid step of 'dense' sampling, in pixels (>= 1)."""
+    heldout_fraction: float = 0.0
+    """Fraction of the sampled patches held out (in [0, 1)); the exercise used none."""
+    seed: int = 0
+    """Seed of the sampling and of the split (>= 0)."""
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.patch_size) or self.patch_size < 1:
+            _fail("patch_size", "an integer >= 1", self.patch_size)
+        if not _is_int(self.n_patches) or self.n_patches < 1:
+            _fail("n_patches", "an integer >= 1", self.n_patches)
+        if self.whitening not in WHITENINGS:
+            _fail("whitening", f"one of {WHITENINGS}", self.whitening)
+        if not isinstance(self.zca, (bool, np.bool_)):
+            _fail("zca", "a bool (True or False)", self.zca)
+        if not _is_real(self.zca_epsilon) or self.zca_epsilon <= 0:
+            _fail("zca_epsilon", "a finite number > 0", self.zca_epsilon)
+        if self.normalisation not in NORMALISATIONS:
+            _fail("normalisation", f"one of {NORMALISATIONS}", self.normalisation)
+        if not _is_real(self.contrast_eps) or self.contrast_eps <= 0:
+            _fail("contrast_eps", "a finite number > 0", self.contrast_eps)
+        if self.sampling not in SAMPLINGS:
+            _fail("sampling", f"one of {SAMPLINGS}", self.sampling)
+        if not _is_int(self.stride) or self.stride < 1:
+            _fail("stride", "an integer >= 1", self.stride)
+        if not _is_real(self.heldout_fraction) or not 0 <= self.heldout_fraction < 1:
+            _fail("heldout_fraction", "a number in [0, 1)", self.heldout_fraction)
+        if not _is_int(self.seed) or self.seed < 0:
+            _fail("seed", "an integer >= 0", self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        d = dataclasses.asdict(self)
+        d["zca"] = bool(d["zca"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PatchConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are a ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown PatchConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# ================================================================================ recipe
+def make_patches(
+    images: Sequence[np.ndarray], config: PatchConfig | None = None
+) -> tuple[np.ndarray, np.ndarray, PatchTransform]:
+    """Images -> (train (m1, d) float32, heldout (m2, d) float32, fitted PatchTransform).
+
+    Per-image whitening -> sampling -> seeded split -> normalisation (+ ZCA) fitted on the
+    training patches -> applied to both. With the default config the training set is the
+    exercise's (:func:`natural_patches` on the same images, to float32 rounding).
+    """
+    cfg = PatchConfig() if config is None else config
+    if not isinstance(cfg, PatchConfig):
+        raise TypeError(f"config must be a PatchConfig; got {type(cfg).__name__}")
+    p = cfg.patch_size
+    imgs = check_images(images, p)
+    imgs = whiten_images(imgs, cfg.whitening)
+    if cfg.sampling == "random":
+        raw = sample_random_patches(imgs, cfg.n_patches, p, cfg.seed, dtype=np.float32)
+    else:
+        parts = [extract_dense(img, p, cfg.stride, dtype=np.float32) for img in imgs]
+        raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        del parts
+    del imgs
+    m = raw.shape[0]
+    train_rows, held_rows = split_heldout(m, cfg.heldout_fraction, cfg.seed)
+    heldout = raw[held_rows]
+    if held_rows.size:
+        # move the training rows forward in place (train_rows[k] >= k, ascending)
+        for a, b in _row_chunks(train_rows.size):
+            raw[a:b] = raw[train_rows[a:b]]
+    train = raw[: train_rows.size]
+    del train_rows, held_rows
+    transform = PatchTransform.fit(
+        train, cfg.normalisation, zca=cfg.zca, zca_epsilon=cfg.zca_epsilon,
+        contrast_eps=cfg.contrast_eps,
+    )
+    transform.apply(train, out=train)
+    transform.apply(heldout, out=heldout)
+    return train, heldout, transform
