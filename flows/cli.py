@@ -163,8 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError) as exc:
         if args.debug:
             raise
-        print(f"saeflow: error: {exc}", file=sys.stderr)
+        print(f"saeflow: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        detail = " ".join(str(exc).split())
+        print(f"saeflow: error: unexpected {type(exc).__name__}: {detail} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

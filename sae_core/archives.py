@@ -20,15 +20,16 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from sae_core.io import UMASK, one_line
+
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+ARCHIVE_SUFFIXES = (".zip", *_TAR_SUFFIXES)
+"""File name endings :func:`extract_archive` reads."""
 
 
 class _Refused(ValueError):
     """A member that fails the checks (kept apart from ValueErrors of a corrupt archive)."""
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _safe_parts(archive: Path, name: str) -> tuple[str, ...]:
@@ -122,10 +123,11 @@ def extract_archive(path: str | os.PathLike, target_dir: str | os.PathLike) -> P
         except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError,
                 ValueError, RuntimeError, NotImplementedError) as exc:  # fmt: skip
             # RuntimeError: encrypted zip member; NotImplementedError: unknown compression.
-            detail = _one_line(exc)
+            detail = one_line(exc)
             raise ValueError(f"{archive}: corrupt or unreadable archive ({detail})") from None
         if target.exists():
             target.rmdir()  # empty (checked above); os.replace needs it gone on every OS
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -24,12 +24,13 @@ def _fail(name: str, allowed: str, value: Any) -> None:
     raise ValueError(f"{name} must be {allowed}; got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
-    # numbers.Integral admits numpy integers (GridSearchCV grids from np.arange)
+def is_int(value: Any) -> bool:
+    """An integer setting: Python or numpy integers (GridSearchCV grids), not bools."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
+    """A finite real setting, Python or numpy, not a bool."""
     return (
         isinstance(value, numbers.Real)
         and not isinstance(value, bool)
@@ -61,7 +62,8 @@ class SAEConfig:
     beta: float = 3.0
     """Weight of the KL sparsity term, >= 0 (KL only)."""
     weight_decay: float = 1e-4
-    """lambda: weight of (1/2)(||W1||^2 + ||W2||^2), >= 0. Biases are not decayed."""
+    """lambda: weight of (1/2)(||W1||^2 + ||W2||^2), >= 0. Biases are not decayed; for L1
+    and TopK, whose decoder columns are unit-norm by construction, only W1 is decayed."""
     l1_coefficient: float = 1e-3
     """Weight of the L1 activation penalty, >= 0 (L1 only)."""
     k: int | None = None
@@ -94,28 +96,28 @@ class SAEConfig:
     """Seed of the initial weights and of the mini-batch order; None draws a fresh seed."""
 
     def __post_init__(self) -> None:
-        if not _is_int(self.n_components) or self.n_components < 1:
+        if not is_int(self.n_components) or self.n_components < 1:
             _fail("n_components", "an integer >= 1", self.n_components)
         if self.penalty not in PENALTIES:
             _fail("penalty", f"one of {', '.join(PENALTIES)}", self.penalty)
-        if not _is_real(self.rho) or not 0.0 < self.rho < 1.0:
+        if not is_real(self.rho) or not 0.0 < self.rho < 1.0:
             _fail("rho", "a number in the open interval (0, 1)", self.rho)
         for name in ("beta", "weight_decay", "l1_coefficient", "aux_coefficient", "tol"):
             value = getattr(self, name)
-            if not _is_real(value) or value < 0:
+            if not is_real(value) or value < 0:
                 _fail(name, "a finite number >= 0", value)
         if self.k is not None and (
-            not _is_int(self.k) or not 1 <= self.k <= self.n_components
+            not is_int(self.k) or not 1 <= self.k <= self.n_components
         ):
             _fail("k", f"an integer in [1, n_components={self.n_components}] or None", self.k)
         if self.aux_k is not None and (
-            not _is_int(self.aux_k) or not 1 <= self.aux_k <= self.n_components
+            not is_int(self.aux_k) or not 1 <= self.aux_k <= self.n_components
         ):
             _fail("aux_k", f"an integer in [1, n_components={self.n_components}] or None",
                   self.aux_k)
         for name in ("dead_window", "max_iter", "lbfgs_history", "batch_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 _fail(name, "an integer >= 1", value)
         if self.solver not in SOLVERS:
             _fail("solver", f"one of {', '.join(SOLVERS)}", self.solver)
@@ -124,7 +126,7 @@ class SAEConfig:
             # its gradient is not the derivative of the loss a line search compares
             _fail("aux_k", "None unless solver='adam' (AuxK's stop-gradient defeats the "
                   "L-BFGS line search)", self.aux_k)
-        if not _is_real(self.learning_rate) or self.learning_rate <= 0:
+        if not is_real(self.learning_rate) or self.learning_rate <= 0:
             _fail("learning_rate", "a finite number > 0", self.learning_rate)
         if self.dtype not in DTYPES:
             _fail("dtype", f"one of {', '.join(DTYPES)}", self.dtype)
@@ -134,9 +136,17 @@ class SAEConfig:
         ):
             _fail("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         if self.random_state is not None and (
-            not _is_int(self.random_state) or self.random_state < 0
+            not is_int(self.random_state) or self.random_state < 0
         ):
             _fail("random_state", "an integer >= 0 or None", self.random_state)
+
+        # numpy scalars (from np.arange grids) pass the checks; store plain Python numbers
+        # so the settings serialise to JSON (checkpoints, model files)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, numbers.Number) and not isinstance(value, bool):
+                plain = int(value) if isinstance(value, numbers.Integral) else float(value)
+                object.__setattr__(self, f.name, plain)
 
     @property
     def effective_k(self) -> int:

@@ -19,14 +19,11 @@ import urllib.request
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from sae_core.io import sha256_file
+from sae_core.io import UMASK, one_line, sha256_file
 
 DEFAULT_TIMEOUT_S = 60.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _is_loopback(host: str) -> bool:
@@ -91,7 +88,7 @@ def fetch(
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     except OSError as exc:
-        raise ValueError(f"{dest.parent}: cannot write ({_one_line(exc)})") from None
+        raise ValueError(f"{dest.parent}: cannot write ({one_line(exc)})") from None
     tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
@@ -104,16 +101,17 @@ def fetch(
                     digest.update(block)
                     n_bytes += len(block)
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts: OSError
-            raise ValueError(f"{url}: download failed ({_one_line(exc)})") from None
+            raise ValueError(f"{url}: download failed ({one_line(exc)})") from None
         if length is not None and length.isdigit() and int(length) != n_bytes:
             raise ValueError(f"{url}: truncated download ({n_bytes} of {length} bytes)")
         got = digest.hexdigest()
         if got != expected:
             raise ValueError(f"{url}: sha256 is {got}, expected {expected}")
         try:
+            os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600
             os.replace(tmp, dest)
         except OSError as exc:
-            raise ValueError(f"{dest}: cannot write ({_one_line(exc)})") from None
+            raise ValueError(f"{dest}: cannot write ({one_line(exc)})") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -41,7 +41,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     beta : float >= 0, default=3.0
         Weight of the KL term.
     weight_decay : float >= 0, default=1e-4
-        lambda of (lambda/2)(||W1||^2 + ||W2||^2).
+        lambda of (lambda/2)(||W1||^2 + ||W2||^2) (L1/TopK: ||W1||^2 only, their decoder
+        being unit-norm).
     l1_coefficient : float >= 0, default=1e-3
     k : int or None, default=None
         Active units per example for TopK (None: n_components // 5).
@@ -207,9 +208,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         config = self._config()
         if config.solver != "adam":
             raise ValueError(f"partial_fit needs solver='adam'; got solver={config.solver!r}")
-        first = not hasattr(self, "_trainer")
-        X = self._validated(X, reset=first, config=config)
-        trainer = self._make_trainer(config, X.shape[1]) if first else self._trainer
+        fitted = hasattr(self, "components_")
+        X = self._validated(X, reset=not fitted, config=config)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            trainer = self._make_trainer(config, X.shape[1])
+            if fitted:  # e.g. a model read with load(): continue from its weights
+                p = self._theta_on(trainer.device, trainer.dtype)
+                trainer.theta = torch.cat([p.W1.ravel(), p.W2.ravel(), p.b1, p.b2])
         trainer.fit_adam(trainer.as_data(X), epochs=1)
         self._publish(trainer)
         return self
@@ -264,7 +270,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             "W2": self.decoder_,
             "b2": self.intercept_visible_,
         }
-        params = {k: v for k, v in self.get_params().items() if k != "callbacks"}
+        params = {
+            k: (v.item() if isinstance(v, np.generic) else v)
+            for k, v in self.get_params().items()
+            if k != "callbacks"
+        }
         io.save_model(
             directory,
             arrays,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,13 @@ def _current_umask() -> int:
     return mask
 
 
-_UMASK = _current_umask()
+UMASK = _current_umask()
+"""The process umask, read once at import (reading it means setting it)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace collapsed), or its type's name."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class FileFormatError(ValueError):
@@ -47,7 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         # mkstemp makes 0600 (and some writers replace the file): outputs get the usual mode
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
+        os.chmod(tmp_path, 0o666 & ~UMASK)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -114,16 +121,31 @@ def save_model(directory: str | os.PathLike, arrays: dict[str, np.ndarray], conf
     """A model folder: ``model.safetensors`` (weights) and ``config.json`` (settings, shapes,
     and the sha256 of the weights file, so a mismatched pair is detected on load)."""
     d = Path(directory)
-    save_tensors(d / MODEL_WEIGHTS, arrays, {"format_version": FORMAT_VERSION})
-    write_json(
-        d / MODEL_CONFIG,
-        {
-            "format_version": FORMAT_VERSION,
-            "weights_sha256": sha256_file(d / MODEL_WEIGHTS),
-            "shapes": {k: list(np.shape(v)) for k, v in arrays.items()},
-            **config,
-        },
-    )
+    d.parent.mkdir(parents=True, exist_ok=True)
+    # both files go into a fresh folder that replaces the old one only when complete
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".tmp", dir=d.parent))
+    try:
+        save_tensors(tmp / MODEL_WEIGHTS, arrays, {"format_version": FORMAT_VERSION})
+        write_json(
+            tmp / MODEL_CONFIG,
+            {
+                "format_version": FORMAT_VERSION,
+                "weights_sha256": sha256_file(tmp / MODEL_WEIGHTS),
+                "shapes": {k: list(np.shape(v)) for k, v in arrays.items()},
+                **config,
+            },
+        )
+        os.chmod(tmp, 0o777 & ~UMASK)
+        old = None
+        if d.exists():
+            old = d.parent / f".{d.name}.old-{os.getpid()}"
+            os.replace(d, old)
+        os.replace(tmp, d)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def load_model(directory: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:

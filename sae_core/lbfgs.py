@@ -191,25 +191,17 @@ class LBFGS:
         """Put (s, y) in the oldest slot, extend S'Y and Y'Y by a row and a column, and
         leave ``proj = pairs @ g_new`` for the next direction.
 
-        One pass over the pair matrix gives both pairs @ s and pairs @ g_new (as a 2 x N
-        by N x 2h product: MKL runs the N x 2 orientation 7x slower); pairs @ y then is
-        pairs @ g_new - pairs @ g_old, the latter cached from this iteration's direction.
+        One pass over the pair matrix gives pairs @ s, pairs @ y and pairs @ g_new (as a
+        3 x N by N x 2h product: MKL runs the N x 3 orientation 7x slower). pairs @ y is
+        computed, not taken as pairs @ g_new - pairs @ g_old: in float32 that difference
+        cancels when the step is short.
         """
         h, j = self.history, st.head
-        old = st.proj  # pairs_old @ g_old, or empty
-        if old.size:
-            old = old.copy()
-            old[j] = float(torch.dot(s, st.g))  # slot j now holds the new pair
-            old[h + j] = float(torch.dot(y, st.g))
         st.pairs[j].copy_(s)
         st.pairs[h + j].copy_(y)
-        both = torch.mm(torch.stack([s, g_new]), st.pairs.t()).double().cpu().numpy()
-        with_s = both[0]  # [S s; Y s] by slot
-        st.proj = both[1]  # [S g_new; Y g_new]
-        if old.size:
-            with_y = st.proj - old
-        else:
-            with_y = (st.pairs @ y).double().cpu().numpy()
+        rows = torch.mm(torch.stack([s, y, g_new]), st.pairs.t()).double().cpu().numpy()
+        with_s, with_y = rows[0], rows[1]  # [S s; Y s], [S y; Y y] by slot
+        st.proj = rows[2]  # [S g_new; Y g_new]
         keep = 1 if st.n_pairs == h else 0  # when full, the oldest pair was overwritten
         st.head = (j + 1) % h
         k = st.n_pairs - keep + 1

@@ -66,7 +66,12 @@ def loss_terms(
         X_hat = torch.sigmoid(X_hat)
     zero = X.new_zeros((), dtype=torch.float64)
     recon = P.reconstruction_error(X_hat, X)
-    decay = P.weight_decay_term(config.weight_decay, p.W1, p.W2)
+    # L1/TopK: the decoder is W2 / ||W2|| column-wise, so the loss does not depend on the
+    # column norms and decaying W2 would only shrink them towards 0 (no minimum, an
+    # ill-conditioned fit): decay the encoder alone
+    decay = P.weight_decay_term(
+        config.weight_decay, p.W1, p.W2 if config.penalty == "kl" else None
+    )
     if config.penalty == "kl":
         sparsity = P.kl_sparsity(A, config.rho, config.beta)
     elif config.penalty == "l1":
@@ -178,29 +183,33 @@ class FusedKLObjective:
     weight-gradient GEMMs as their last column. Buffers are allocated once per data
     tensor; the transposed, augmented copy of X is made once per data tensor too.
 
-    ``shards > 1`` (CPU) splits the examples into that many column ranges evaluated on
-    as many threads, each running its products single-threaded; the caller sets
-    ``torch.set_num_threads(1)`` around the fit (see :func:`sae_core.train.Trainer`).
-    Skinny products like these (inner dimension 26 or 65) scale poorly inside one BLAS
-    call, and two independent halves keep both cores busy through the elementwise
-    passes as well. Partial sums are combined in a fixed order: same bytes every run.
+    On the CPU the examples are cut into fixed blocks of about ``BLOCK_COLUMNS``
+    columns (the partition depends on m alone) and ``workers`` threads evaluate the
+    blocks, each with single-threaded BLAS (the caller sets ``torch.set_num_threads(1)``
+    around the fit, see :class:`sae_core.train.Trainer`). Skinny products like these
+    (inner dimension 26 or 65) scale poorly inside one BLAS call, and independent blocks
+    keep every core busy through the elementwise passes too. Block results are summed
+    in block order, so the bytes out do not depend on the number of threads or cores.
     Scalars (loss terms, rho_hat) are accumulated in float64 whatever the dtype.
     """
 
-    def __init__(self, config: SAEConfig, shards: int = 1) -> None:
+    BLOCK_COLUMNS = 5000
+
+    def __init__(self, config: SAEConfig, workers: int = 1) -> None:
         if config.penalty != "kl":
             raise ValueError(f"FusedKLObjective needs penalty='kl'; got {config.penalty!r}")
         self.config = config
-        self.shards = max(1, int(shards))
+        self.workers = max(1, int(workers))
         self._source: torch.Tensor | None = None
         self._source_version = -1
         self._parts: list[_Shard] = []
         self._pool = None
+        self._lanes = 1
 
     def __getstate__(self) -> dict:
         # never pickle the cached data copy, its buffers or the thread pool
-        return {"config": self.config, "shards": self.shards, "_source": None,
-                "_source_version": -1, "_parts": [], "_pool": None}
+        return {"config": self.config, "workers": self.workers, "_source": None,
+                "_source_version": -1, "_parts": [], "_pool": None, "_lanes": 1}
 
     def close(self) -> None:
         """Release the buffers and the worker threads."""
@@ -213,7 +222,7 @@ class FusedKLObjective:
         if X is self._source and X._version == self._source_version:
             return
         m, n = X.shape
-        k = min(self.shards, m)
+        k = max(1, round(m / self.BLOCK_COLUMNS)) if X.device.type == "cpu" else 1
         bounds = [round(i * m / k) for i in range(k + 1)]
         parts = []
         for lo, hi in itertools.pairwise(bounds):
@@ -222,20 +231,32 @@ class FusedKLObjective:
             Xa[n] = 1.0
             parts.append(_Shard(Xa, self.config.n_components))
         self._parts, self._source, self._source_version = parts, X, X._version
-        if k > 1 and self._pool is None:
+        n_threads = min(self.workers, k)
+        self._lanes = n_threads
+        if n_threads > 1 and self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(
-                self.shards - 1, initializer=torch.set_num_threads, initargs=(1,)
+                n_threads - 1, initializer=torch.set_num_threads, initargs=(1,)
             )
 
     def _map(self, fn, *args) -> list:
-        """fn(part, *args) for every shard: the first on this thread, the rest on the pool."""
-        if len(self._parts) == 1:
-            return [fn(self._parts[0], *args)]
-        futures = [self._pool.submit(fn, part, *args) for part in self._parts[1:]]
-        first = fn(self._parts[0], *args)
-        return [first] + [f.result() for f in futures]
+        """fn(block, *args) for every block, in block order: blocks are dealt round-robin
+        to this thread and the pool's, each thread running its blocks in order."""
+        parts = self._parts
+        if self._pool is None or len(parts) == 1:
+            return [fn(part, *args) for part in parts]
+        n = self._lanes
+
+        def run(lane: int) -> list:
+            return [fn(part, *args) for part in parts[lane::n]]
+
+        futures = [self._pool.submit(run, lane) for lane in range(1, n)]
+        lanes = [run(0)] + [f.result() for f in futures]
+        out = [None] * len(parts)
+        for lane, results in enumerate(lanes):
+            out[lane::n] = results
+        return out
 
     def __call__(
         self, theta: torch.Tensor, X: torch.Tensor, dead: torch.Tensor | None = None
@@ -277,9 +298,9 @@ class FusedKLObjective:
         return Evaluation(recon + decay + sparsity, grad, terms, None)
 
 
-def make_objective(config: SAEConfig, shards: int = 1) -> AutogradObjective | FusedKLObjective:
-    """The fastest exact objective for ``config``: fused for KL (``shards`` column ranges
-    on as many threads), autograd otherwise."""
+def make_objective(config: SAEConfig, workers: int = 1) -> AutogradObjective | FusedKLObjective:
+    """The fastest exact objective for ``config``: fused for KL (evaluated on ``workers``
+    threads), autograd otherwise."""
     if config.penalty == "kl":
-        return FusedKLObjective(config, shards=shards)
+        return FusedKLObjective(config, workers=workers)
     return AutogradObjective(config)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from sae_core.config import is_int, is_real
 
 
 def whiten_1f(image: np.ndarray, f0: float = 0.4) -> np.ndarray:
@@ -188,9 +189,9 @@ def extract_dense(
     (H, W, C) one (each patch (p, p, C) flattened row-major, channels last), where
     n_rows = (H - p) // stride + 1 and n_cols = (W - p) // stride + 1.
     """
-    if not _is_int(patch_size) or patch_size < 1:
+    if not is_int(patch_size) or patch_size < 1:
         raise ValueError(f"patch_size must be an integer >= 1; got {patch_size!r}")
-    if not _is_int(stride) or stride < 1:
+    if not is_int(stride) or stride < 1:
         raise ValueError(f"stride must be an integer >= 1; got {stride!r}")
     (img,) = check_images([image], patch_size)
     p = int(patch_size)
@@ -255,9 +256,9 @@ def sample_random_patches(
     ``np.put``. Extra memory: the tables (never more than the output), a few int64 arrays of
     n_patches, 4 MB temporaries per thread. The result does not depend on ``n_threads``.
     """
-    if not _is_int(n_patches) or n_patches < 1:
+    if not is_int(n_patches) or n_patches < 1:
         raise ValueError(f"n_patches must be an integer >= 1; got {n_patches!r}")
-    if not _is_int(patch_size) or patch_size < 1:
+    if not is_int(patch_size) or patch_size < 1:
         raise ValueError(f"patch_size must be an integer >= 1; got {patch_size!r}")
     imgs = check_images(images, patch_size)
     dtype = np.dtype(dtype)
@@ -458,7 +459,7 @@ def fit_zca(patches: np.ndarray, epsilon: float = 0.1) -> ZCA:
 
 
 def _fit_zca(x: np.ndarray, stage: Callable[[np.ndarray], np.ndarray], epsilon: float) -> ZCA:
-    if not (_is_real(epsilon) and epsilon > 0):
+    if not (is_real(epsilon) and epsilon > 0):
         raise ValueError(f"zca epsilon must be a number > 0; got {epsilon!r}")
     m, d = x.shape
     if m < 2:
@@ -540,7 +541,7 @@ class PatchTransform:
             raise ValueError(
                 f"normalisation must be one of {NORMALISATIONS}; got {normalisation!r}"
             )
-        if not (_is_real(contrast_eps) and contrast_eps > 0):
+        if not (is_real(contrast_eps) and contrast_eps > 0):
             raise ValueError(f"contrast_eps must be a number > 0; got {contrast_eps!r}")
         x = _as_patches(patches)
         m, d = x.shape
@@ -676,16 +677,6 @@ class PatchTransform:
 
 
 # ================================================================================ config
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
 
 
 def _fail(name: str, allowed: str, value: Any) -> None:
@@ -728,27 +719,27 @@ class PatchConfig:
     """Seed of the sampling and of the split (>= 0)."""
 
     def __post_init__(self) -> None:
-        if not _is_int(self.patch_size) or self.patch_size < 1:
+        if not is_int(self.patch_size) or self.patch_size < 1:
             _fail("patch_size", "an integer >= 1", self.patch_size)
-        if not _is_int(self.n_patches) or self.n_patches < 1:
+        if not is_int(self.n_patches) or self.n_patches < 1:
             _fail("n_patches", "an integer >= 1", self.n_patches)
         if self.whitening not in WHITENINGS:
             _fail("whitening", f"one of {WHITENINGS}", self.whitening)
         if not isinstance(self.zca, (bool, np.bool_)):
             _fail("zca", "a bool (True or False)", self.zca)
-        if not _is_real(self.zca_epsilon) or self.zca_epsilon <= 0:
+        if not is_real(self.zca_epsilon) or self.zca_epsilon <= 0:
             _fail("zca_epsilon", "a finite number > 0", self.zca_epsilon)
         if self.normalisation not in NORMALISATIONS:
             _fail("normalisation", f"one of {NORMALISATIONS}", self.normalisation)
-        if not _is_real(self.contrast_eps) or self.contrast_eps <= 0:
+        if not is_real(self.contrast_eps) or self.contrast_eps <= 0:
             _fail("contrast_eps", "a finite number > 0", self.contrast_eps)
         if self.sampling not in SAMPLINGS:
             _fail("sampling", f"one of {SAMPLINGS}", self.sampling)
-        if not _is_int(self.stride) or self.stride < 1:
+        if not is_int(self.stride) or self.stride < 1:
             _fail("stride", "an integer >= 1", self.stride)
-        if not _is_real(self.heldout_fraction) or not 0 <= self.heldout_fraction < 1:
+        if not is_real(self.heldout_fraction) or not 0 <= self.heldout_fraction < 1:
             _fail("heldout_fraction", "a number in [0, 1)", self.heldout_fraction)
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             _fail("seed", "an integer >= 0", self.seed)
 
     def to_dict(self) -> dict[str, Any]:

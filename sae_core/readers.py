@@ -23,16 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from sae_core.dataset import ImageSet
-from sae_core.io import sha256_file
+from sae_core.io import one_line, sha256_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 CIFAR_PIXELS = 32 * 32 * 3
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _check_file(path: str | os.PathLike) -> Path:
@@ -49,14 +46,14 @@ def _read_bytes(path: str | os.PathLike) -> tuple[Path, bytes]:
     try:
         return p, p.read_bytes()
     except OSError as exc:
-        raise ValueError(f"{p}: cannot read ({exc.strerror or _one_line(exc)})") from None
+        raise ValueError(f"{p}: cannot read ({exc.strerror or one_line(exc)})") from None
 
 
 def _sha(p: Path) -> str:
     try:
         return sha256_file(p)
     except OSError as exc:
-        raise ValueError(f"{p}: cannot read ({exc.strerror or _one_line(exc)})") from None
+        raise ValueError(f"{p}: cannot read ({exc.strerror or one_line(exc)})") from None
 
 
 def _check_finite(array: np.ndarray, where: object) -> None:
@@ -88,7 +85,7 @@ def _idx_array(path: str | os.PathLike, magic: int) -> tuple[Path, np.ndarray, s
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as exc:
-            raise ValueError(f"{p}: corrupt gzip data ({_one_line(exc)})") from None
+            raise ValueError(f"{p}: corrupt gzip data ({one_line(exc)})") from None
     if len(data) < 4:
         raise ValueError(f"{p}: too short for an IDX header ({len(data)} bytes)")
     found = int.from_bytes(data[:4], "big")
@@ -247,7 +244,7 @@ def read_mat(path: str | os.PathLike, key: str | None = None) -> ImageSet:
         # scipy's parser reports a corrupt file as almost any type (MatReadError is a
         # ValueError, but IndexError, KeyError, zlib.error occur); v7.3 (HDF5) files
         # raise NotImplementedError.
-        raise ValueError(f"{p}: cannot read MAT file ({_one_line(exc)})") from None
+        raise ValueError(f"{p}: cannot read MAT file ({one_line(exc)})") from None
     name = _pick_key(p, sorted(k for k in variables if not k.startswith("__")), key)
     array = variables[name]
     if not isinstance(array, np.ndarray):
@@ -277,11 +274,11 @@ def read_numpy(path: str | os.PathLike, key: str | None = None) -> ImageSet:
 
     p = _check_file(path)
     sha = _sha(p)
-    bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, TypeError)
+    bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, TypeError, zlib.error)
     try:
         loaded = np.load(p, allow_pickle=False)
     except bad as exc:  # object arrays (pickles) are a ValueError here
-        raise ValueError(f"{p}: cannot read numpy file ({_one_line(exc)})") from None
+        raise ValueError(f"{p}: cannot read numpy file ({one_line(exc)})") from None
     if isinstance(loaded, np.ndarray):
         name, array = None, loaded
     else:
@@ -290,7 +287,7 @@ def read_numpy(path: str | os.PathLike, key: str | None = None) -> ImageSet:
             try:
                 array = loaded[name]
             except bad as exc:
-                detail = _one_line(exc)
+                detail = one_line(exc)
                 raise ValueError(f"{p}: cannot read array {name!r} ({detail})") from None
     where = f"{p}" if name is None else f"{p}: array {name!r}"
     _numeric(array, where)
@@ -337,11 +334,11 @@ def _decode_image(p: Path, data: bytes) -> np.ndarray:
                 kind, array = "8-bit", np.asarray(im.convert("L"))
             else:
                 kind, array = "8-bit", np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
-            zlib.error) as exc:  # fmt: skip
+    except Exception as exc:
         # Pillow reports broken files as OSError (UnidentifiedImageError, "truncated"),
-        # and some plugins as SyntaxError or ValueError.
-        raise ValueError(f"{p}: cannot decode image ({_one_line(exc)})") from None
+        # some plugins as SyntaxError or ValueError, and crafted files can raise
+        # struct.error, KeyError, IndexError or TypeError: all mean "cannot decode".
+        raise ValueError(f"{p}: cannot decode image ({one_line(exc)})") from None
     if n_frames > 1 and fmt != "MPO":  # MPO: a camera JPEG with extra views; take the first
         raise ValueError(f"{p}: {n_frames} frames; only single-frame images are read")
     if kind == "16-bit":
@@ -413,7 +410,7 @@ def read_image_folder(root: str | os.PathLike, labels: str | None = "subfolders"
     try:
         image_files, other_files = _walk(base)
     except OSError as exc:
-        raise ValueError(f"{base}: cannot read ({exc.strerror or _one_line(exc)})") from None
+        raise ValueError(f"{base}: cannot read ({exc.strerror or one_line(exc)})") from None
     if not image_files:
         raise ValueError(f"{base}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     images, inputs = [], {}

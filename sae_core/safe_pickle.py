@@ -20,7 +20,6 @@ keys are decoded (latin-1) to ``str``, so a batch reads as ``{"data": ..., "labe
 
 from __future__ import annotations
 
-import builtins
 import pickle
 from typing import IO, Any
 
@@ -45,9 +44,6 @@ def _multiarray() -> Any:
     return multiarray
 
 
-_BUILTINS = ("dict", "list", "tuple", "str", "bytes", "int", "float", "bool")
-
-
 def _allowed() -> dict[tuple[str, str], Any]:
     ma = _multiarray()
     allowed: dict[tuple[str, str], Any] = {
@@ -57,9 +53,8 @@ def _allowed() -> dict[tuple[str, str], Any]:
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = ma._reconstruct
         allowed[(module, "scalar")] = ma.scalar
-    for name in _BUILTINS:
-        allowed[("builtins", name)] = getattr(builtins, name)
-        allowed[("__builtin__", name)] = getattr(builtins, name)
+    # no builtins: containers and scalars are built by pickle opcodes, and a callable
+    # such as bytes(10**11) would let a tiny file exhaust memory
     return allowed
 
 

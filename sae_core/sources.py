@@ -12,9 +12,10 @@ A source is a mapping with a ``type`` and the fields that type needs::
     {type: parquet, path: FILE.parquet}             a dataset written by saeflow
 
 Any file-based source may instead name ``url`` and ``sha256``: the file is downloaded
-once into ``<data_dir>/downloads`` (and verified); an archive (.zip, .tar, .tar.gz, .tgz)
-is extracted safely beside it, and ``path``/``paths`` are then relative to the extracted
-folder (or omitted, for a plain file). Relative paths are relative to the project root.
+once into ``<data_dir>/downloads/<sha256[:16]>`` (and verified); an archive (.zip, .tar,
+.tar.gz/.tgz, .tar.bz2, .tar.xz) is extracted safely beside it, and ``path``/``paths``
+are then relative to the extracted folder (or omitted, for a plain file). Relative paths
+are relative to the project root.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ SOURCE_TYPES = (
     "parquet",
 )
 _FILE_TYPES = {"idx", "mat", "numpy", "parquet"}
-_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,12 @@ class SourceSpec:
     sha256: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("path", "labels_path", "labels", "key", "url", "sha256"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"source field {name} must be a string; got {value!r}")
+        if not all(isinstance(p, str) for p in self.paths):
+            raise ValueError(f"source field paths must be a list of strings; got {self.paths!r}")
         if self.type not in SOURCE_TYPES:
             raise ValueError(
                 f"source type must be one of {', '.join(SOURCE_TYPES)}; got {self.type!r}"
@@ -82,7 +88,11 @@ class SourceSpec:
         v = dict(values)
         if "paths" in v:
             paths = v["paths"]
-            v["paths"] = (paths,) if isinstance(paths, str) else tuple(paths)
+            if isinstance(paths, str):
+                paths = [paths]
+            if not isinstance(paths, list):
+                raise ValueError(f"source field paths must be a list of strings; got {paths!r}")
+            v["paths"] = tuple(paths)
         return cls(**v)
 
 
@@ -92,12 +102,14 @@ def _base_folder(spec: SourceSpec, root: Path, data_dir: Path) -> Path:
     no ``path`` becomes the spec's path itself (see :func:`load_source`)."""
     if spec.url is None:
         return root
-    from sae_core.archives import extract_archive
+    from sae_core.archives import ARCHIVE_SUFFIXES, extract_archive
     from sae_core.download import fetch
 
-    downloaded = fetch(spec.url, spec.sha256, data_dir / "downloads")
+    # one folder per content hash: a changed url/sha256 never reuses stale extractions,
+    # and two sources whose files share a name never overwrite each other
+    downloaded = fetch(spec.url, spec.sha256, data_dir / "downloads" / spec.sha256[:16])
     name = downloaded.name
-    suffix = next((sfx for sfx in _ARCHIVE_SUFFIXES if name.endswith(sfx)), None)
+    suffix = next((sfx for sfx in ARCHIVE_SUFFIXES if name.endswith(sfx)), None)
     if suffix is None:
         return downloaded
     target = downloaded.parent / name[: -len(suffix)]
@@ -136,6 +148,26 @@ def load_source(
     return readers.read_parquet(path)
 
 
+def _relative_to(imageset: ImageSet, root: Path) -> ImageSet:
+    """The same set with every recorded path relative to ``root`` (where it lies under
+    it): the dataset and manifest then have the same bytes in every checkout of the
+    project, including DVC's temporary copies for queued experiments."""
+    prefix = str(root.resolve()) + "/"
+
+    def rel(text: str) -> str:
+        return text.replace(prefix, "")
+
+    return ImageSet(
+        images=imageset.images,
+        labels=imageset.labels,
+        source=rel(imageset.source),
+        class_names=imageset.class_names,
+        skipped=[rel(p) for p in imageset.skipped],
+        inputs={rel(k): v for k, v in imageset.inputs.items()},
+        item_sources=[rel(s) for s in imageset.item_sources] if imageset.item_sources else None,
+    )
+
+
 def ingest(
     sources: list[dict[str, Any]], root: Path | str = ".", data_dir: Path | str = "data"
 ) -> ImageSet:
@@ -143,4 +175,5 @@ def ingest(
     if not sources:
         raise ValueError("ingest.sources is empty: name at least one source")
     specs = [SourceSpec.from_dict(s) for s in sources]
-    return concat([load_source(spec, root, data_dir) for spec in specs])
+    root = Path(root)
+    return concat([_relative_to(load_source(spec, root, data_dir), root) for spec in specs])

@@ -177,19 +177,18 @@ class Trainer:
         cfg = self.config
         self._check_data(X)
         threads = torch.get_num_threads()
-        # On the CPU the fused KL objective runs one column shard per thread, each with
-        # single-threaded BLAS (faster than one multi-threaded call on these skinny
-        # products); the thread setting is restored afterwards.
-        shards = threads if (
-            self.device.type == "cpu" and cfg.penalty == "kl" and X.shape[0] >= 2048 * threads
-        ) else 1
-        objective = make_objective(cfg, shards=shards)
+        # On the CPU the fused KL objective spreads fixed column blocks over the threads,
+        # each block with single-threaded BLAS: faster than one multi-threaded call on
+        # these skinny products, and the same bytes whatever the thread count. The
+        # thread setting is restored afterwards.
+        blocked = self.device.type == "cpu" and cfg.penalty == "kl"
+        objective = make_objective(cfg, workers=threads if blocked else 1)
 
         def evaluate(theta: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
             ev: Evaluation = objective(theta, X)
             return float(ev.loss), ev.grad, ev.terms
 
-        if shards > 1:
+        if blocked:
             torch.set_num_threads(1)
         try:
             # the solver's small k x k algebra runs in numpy: keep its BLAS on this
@@ -197,7 +196,7 @@ class Trainer:
             with threadpool_limits(limits=1, user_api="blas"):
                 self._run_lbfgs(evaluate)
         finally:
-            if shards > 1:
+            if blocked:
                 torch.set_num_threads(threads)
             objective.close()
 

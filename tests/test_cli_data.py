@@ -145,3 +145,26 @@ def test_exit_status_of_the_real_command(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "missing.npy" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_ingest_bytes_do_not_depend_on_the_checkout_folder(tmp_path):
+    outs = []
+    for name in ("checkout1", "checkout2"):
+        root = tmp_path / name
+        png(root / "photos" / "a" / "x.png")
+        (root / "photos" / "a" / "readme.txt").write_text("skip me")
+        params = write_params(root, "    - {type: image_folder, path: photos}\n")
+        assert run_ingest(params, root / "out") == 0
+        outs.append(root / "out")
+    for f in ("images.parquet", "manifest.json"):
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes()
+    assert str(tmp_path) not in (outs[0] / "manifest.json").read_text()
+
+
+def test_data_modules_do_not_import_torch():
+    # the data commands should not pay torch's start-up: sae_core's top level is lazy
+    code = ("import sys, sae_core.dataset, sae_core.sources, sae_core.patches, "
+            "sae_core.patch_store, sae_core.readers; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True)
+    assert out.stdout.strip() == "False"

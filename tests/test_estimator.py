@@ -261,3 +261,30 @@ def test_history_loss_is_sum_of_terms(small_X):
             math.fsum([r["reconstruction"], r["weight_decay"], r["sparsity"], r["auxiliary"]]),
             rel_tol=1e-12,
         )
+
+
+def test_numpy_scalar_settings_save_and_checkpoint(tmp_path):
+    X = np.random.default_rng(0).uniform(0.1, 0.9, size=(60, 9))
+    sae = SparseAutoencoder(np.int64(4), beta=np.float32(2.0), max_iter=np.int64(6),
+                            checkpoint_path=str(tmp_path / "ck"), checkpoint_every=2)
+    sae.fit(X)
+    sae.save(tmp_path / "model")
+    loaded = SparseAutoencoder.load(tmp_path / "model")
+    assert loaded.n_components == 4 and loaded.beta == 2.0
+    # saving over an existing model replaces it whole and leaves no temporary folder
+    sae.save(tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "model"]
+
+
+def test_partial_fit_continues_from_a_loaded_model(tmp_path):
+    X = np.random.default_rng(1).uniform(0.1, 0.9, size=(200, 9))
+    sae = SparseAutoencoder(4, solver="adam", batch_size=32, learning_rate=1e-2)
+    for _ in range(5):
+        sae.partial_fit(X)
+    sae.save(tmp_path / "m")
+    loaded = SparseAutoencoder.load(tmp_path / "m")
+    fresh = SparseAutoencoder(4, solver="adam", batch_size=32, learning_rate=1e-2)
+    loaded.partial_fit(X)
+    fresh.partial_fit(X)
+    # the loaded model keeps training from its weights, not from a new random start
+    assert loaded.history_[-1]["loss"] < fresh.history_[-1]["loss"]

@@ -391,3 +391,18 @@ def test_auxk_with_lbfgs_is_refused_at_fit(small_X):
 def test_auxk_off_gives_zero_auxiliary(small_X):
     sae = fit(small_X, n_components=8, penalty="topk", k=1, max_iter=5)
     assert all(r["auxiliary"] == 0.0 for r in sae.history_)
+
+
+def test_lbfgs_fit_bytes_do_not_depend_on_torch_thread_count():
+    X = np.random.default_rng(0).uniform(0.1, 0.9, size=(10_000, 16))
+    before = torch.get_num_threads()
+    try:
+        fits = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            fits.append(SparseAutoencoder(6, max_iter=15, device="cpu").fit(X))
+            assert torch.get_num_threads() == threads  # the fit restores the setting
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(fits[0].components_, fits[1].components_)
+    assert fits[0].history_ == fits[1].history_
