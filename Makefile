@@ -12,7 +12,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/saeflow exercise --out outputs/exercise
+	$(VENV)/bin/saeflow ingest --out outputs/data/images.parquet \
+		--manifest outputs/data/manifest.json
+	$(VENV)/bin/saeflow patches --dataset outputs/data/images.parquet \
+		--out outputs/data/patches.arrow --transform outputs/data/transform.safetensors
+	$(VENV)/bin/saeflow exercise --store outputs/data/patches.arrow --out outputs/exercise
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

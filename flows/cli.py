@@ -50,8 +50,19 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
     from sae_core.plots import save_filter_grid
 
     out = Path(args.out)
-    print(f"sampling {args.patches} 8x8 patches from the built-in natural images ...")
-    X = natural_patches(args.patches, 8, seed=args.seed)
+    if args.store:
+        from sae_core.patch_store import read_patch_store
+
+        store = read_patch_store(args.store)
+        X = store.train
+        side = store.patch_shape[0]
+        print(f"training on {X.shape[0]} patches of {args.store}")
+    else:
+        side = 8
+        print(f"sampling {args.patches} 8x8 patches from the built-in natural images ...")
+        X = natural_patches(args.patches, 8, seed=args.seed)
+    if len(store.patch_shape if args.store else (8, 8)) != 2 or X.shape[1] != side * side:
+        raise ValueError(f"{args.store}: the exercise needs grayscale square patches")
     sae = SparseAutoencoder(25, rho=0.01, beta=3.0, weight_decay=1e-4, max_iter=args.iterations,
                             random_state=args.seed)
     start = time.perf_counter()
@@ -61,9 +72,10 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
     rho_hat = sae.transform(X).mean(axis=0)
     near = np.mean((rho_hat >= 0.005) & (rho_hat <= 0.02))
     sae.save(out / "model")
-    save_filter_grid(out / "filters.png", sae.components_, (8, 8),
+    save_filter_grid(out / "filters.png", sae.components_, (side, side),
                      title="25 filters learned on natural patches (rho 0.01, beta 3)")
-    print(f"trained 64-25-64 for {sae.n_iter_} L-BFGS iterations in {seconds:.2f} s")
+    n = X.shape[1]
+    print(f"trained {n}-25-{n} for {sae.n_iter_} L-BFGS iterations in {seconds:.2f} s")
     print(f"loss {last['loss']:.5f} = reconstruction {last['reconstruction']:.5f} "
           f"+ weight decay {last['weight_decay']:.5f} + sparsity {last['sparsity']:.5f}")
     print(f"rho_hat per unit in [{rho_hat.min():.4f}, {rho_hat.max():.4f}] (target 0.01); "
@@ -145,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exercise", help="run the UFLDL sparse-autoencoder exercise")
     p.add_argument("--out", default="outputs/exercise", help="output folder")
-    p.add_argument("--patches", type=int, default=10_000)
+    p.add_argument("--patches", type=int, default=10_000,
+                   help="patches to sample from the built-in images (without --store)")
+    p.add_argument("--store", help="train on this patch store (from `saeflow patches`)")
     p.add_argument("--iterations", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_exercise)

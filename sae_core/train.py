@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -144,8 +145,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def as_data(self, X: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """X (m, n) as a contiguous tensor of the trainer's dtype on its device."""
-        return torch.as_tensor(X).to(device=self.device, dtype=self.dtype).contiguous()
+        """X (m, n) as a contiguous tensor of the trainer's dtype on its device.
+
+        A read-only array (a memory-mapped patch store) is used without a copy: training
+        never writes into its data tensor, so torch's warning about that is silenced."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.as_tensor(X).to(device=self.device, dtype=self.dtype).contiguous()
 
     def _record(self, terms: torch.Tensor) -> None:
         values = [float(v) for v in terms.tolist()]

@@ -168,3 +168,16 @@ def test_data_modules_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_exercise_trains_on_a_patch_store(tmp_path, capsys):
+    png(tmp_path / "photos" / "a.png", size=32)
+    params = write_params(tmp_path, "    - {type: image_folder, path: photos, labels: null}\n")
+    out = tmp_path / "out"
+    assert run_ingest(params, out) == 0 and run_patches(params, out) == 0
+    rc = main(["exercise", "--store", str(out / "patches.arrow"), "--iterations", "3",
+               "--out", str(tmp_path / "ex")])
+    assert rc == 0
+    assert "trained 16-25-16 for 3 L-BFGS iterations" in capsys.readouterr().out
+    assert (tmp_path / "ex" / "filters.png").is_file()
+    assert (tmp_path / "ex" / "model" / "model.safetensors").is_file()
