@@ -43,11 +43,11 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
     """The UFLDL exercise end to end on the built-in natural images."""
     import time
 
-    import numpy as np
-
     from sae_core import SparseAutoencoder
+    from sae_core.io import write_json
     from sae_core.patches import natural_patches
     from sae_core.plots import save_filter_grid
+    from sae_core.stats import sparsity_stats
 
     out = Path(args.out)
     if args.store:
@@ -69,18 +69,22 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
     sae.fit(X)
     seconds = time.perf_counter() - start
     last = sae.history_[-1]
-    rho_hat = sae.transform(X).mean(axis=0)
-    near = np.mean((rho_hat >= 0.005) & (rho_hat <= 0.02))
+    stats = sparsity_stats(sae, X)
+    rho_hat = stats.rho_hat
     sae.save(out / "model")
+    write_json(out / "sparsity.json", stats.metrics())
     save_filter_grid(out / "filters.png", sae.components_, (side, side),
                      title="25 filters learned on natural patches (rho 0.01, beta 3)")
     n = X.shape[1]
     print(f"trained {n}-25-{n} for {sae.n_iter_} L-BFGS iterations in {seconds:.2f} s")
     print(f"loss {last['loss']:.5f} = reconstruction {last['reconstruction']:.5f} "
           f"+ weight decay {last['weight_decay']:.5f} + sparsity {last['sparsity']:.5f}")
+    m = stats.metrics()
     print(f"rho_hat per unit in [{rho_hat.min():.4f}, {rho_hat.max():.4f}] (target 0.01); "
-          f"{100 * near:.0f}% of units within [rho/2, 2 rho]")
-    print(f"model:   {out / 'model'}\nfilters: {out / 'filters.png'}")
+          f"{100 * m['frac_units_near_target']:.0f}% of units within [rho/2, 2 rho]; "
+          f"{m['dead_units']} dead; FVU {m['fvu']:.3f}")
+    print(f"model:   {out / 'model'}\nfilters: {out / 'filters.png'}\n"
+          f"metrics: {out / 'sparsity.json'}")
     return 0
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -180,4 +181,6 @@ def test_exercise_trains_on_a_patch_store(tmp_path, capsys):
     assert rc == 0
     assert "trained 16-25-16 for 3 L-BFGS iterations" in capsys.readouterr().out
     assert (tmp_path / "ex" / "filters.png").is_file()
+    metrics = json.loads((tmp_path / "ex" / "sparsity.json").read_text())
+    assert metrics["rho"] == 0.01 and metrics["n_examples"] == 400
     assert (tmp_path / "ex" / "model" / "model.safetensors").is_file()
