@@ -57,28 +57,10 @@ def sample_patches(
 ) -> np.ndarray:
     """Random patches as in the exercise: for each patch a random image, then a random
     top-left corner. Returns (n_patches, patch_size**2) float64, each patch flattened
-    row-major. Same seed, same images -> same patches, byte for byte.
+    row-major. Same seed, same images -> same patches, byte for byte. (The float64 form
+    of :func:`sample_random_patches`, which does the work.)
     """
-    if n_patches < 1:
-        raise ValueError(f"n_patches must be >= 1; got {n_patches}")
-    for i, img in enumerate(images):
-        if img.ndim != 2 or min(img.shape) < patch_size:
-            raise ValueError(
-                f"image {i} of shape {img.shape} is smaller than the "
-                f"{patch_size}x{patch_size} patch"
-            )
-    rng = np.random.default_rng(seed)
-    which = rng.integers(len(images), size=n_patches)
-    out = np.empty((n_patches, patch_size * patch_size), dtype=np.float64)
-    for i, img in enumerate(images):
-        slots = np.flatnonzero(which == i)
-        if slots.size == 0:
-            continue
-        rows = rng.integers(img.shape[0] - patch_size + 1, size=slots.size)
-        cols = rng.integers(img.shape[1] - patch_size + 1, size=slots.size)
-        windows = sliding_window_view(img, (patch_size, patch_size))
-        out[slots] = windows[rows, cols].reshape(slots.size, -1)
-    return out
+    return sample_random_patches(images, n_patches, patch_size, seed, dtype=np.float64)
 
 
 def normalize_ufldl(patches: np.ndarray) -> np.ndarray:
