@@ -15,6 +15,9 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+FIRE_THRESHOLD = 1e-3
+"""An activation above this counts as the unit having fired (Gao et al. 2024)."""
+
 PENALTIES = ("kl", "l1", "topk")
 SOLVERS = ("lbfgs", "adam")
 DTYPES = ("float32", "float64")

@@ -14,7 +14,7 @@ from sae_core import io
 from sae_core import model as M
 from sae_core.config import SAEConfig
 from sae_core.device import resolve_device, resolve_dtype
-from sae_core.train import CheckpointCallback, Trainer, data_fingerprint
+from sae_core.train import CheckpointCallback, Trainer
 
 _TRANSFORM_BATCH = 65_536
 
@@ -195,7 +195,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         trainer = self._make_trainer(config, X.shape[1])
         data = trainer.as_data(X)
         if self.checkpoint_path is not None and Path(self.checkpoint_path).exists():
-            trainer.resume_from(self.checkpoint_path, fingerprint=data_fingerprint(data))
+            trainer.resume_from(self.checkpoint_path, fingerprint=trainer.fingerprint_of(data))
         if config.solver == "lbfgs":
             trainer.fit_lbfgs(data)
         else:
@@ -214,20 +214,23 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         if trainer is None:
             trainer = self._make_trainer(config, X.shape[1])
             if fitted:  # e.g. a model read with load(): continue from its weights
-                p = self._theta_on(trainer.device, trainer.dtype)
-                trainer.theta = torch.cat([p.W1.ravel(), p.W2.ravel(), p.b1, p.b2])
+                trainer.theta = self._theta_on(trainer.device, trainer.dtype)
         trainer.fit_adam(trainer.as_data(X), epochs=1)
         self._publish(trainer)
         return self
 
     # ------------------------------------------------------------------ inference
-    def _theta_on(self, device: torch.device, dtype: torch.dtype) -> M.Params:
-        W2 = self.decoder_  # effective decoder: normalisation already applied
-        theta = np.concatenate(
-            [self.components_.ravel(), W2.ravel(), self.intercept_hidden_, self.intercept_visible_]
-        )
-        t = torch.from_numpy(theta).to(device=device, dtype=dtype)
-        return M.unpack(t, self.n_features_in_, self.n_components)
+    def _theta_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The fitted parameters as a flat theta (layout of sae_core.model); W2 is the
+        effective decoder, its normalisation already applied."""
+        theta = np.concatenate([
+            self.components_.ravel(), self.decoder_.ravel(),
+            self.intercept_hidden_, self.intercept_visible_,
+        ])
+        return torch.from_numpy(theta).to(device=device, dtype=dtype)
+
+    def _params_on(self, device: torch.device, dtype: torch.dtype) -> M.Params:
+        return M.unpack(self._theta_on(device, dtype), self.n_features_in_, self.n_components)
 
     def _apply(self, X, fn) -> np.ndarray:
         check_is_fitted(self)
@@ -235,7 +238,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         X = self._validated(X, reset=False, config=config)
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype)
-        p = self._theta_on(device, dtype)
+        p = self._params_on(device, dtype)
         out = []
         with torch.no_grad():
             for start in range(0, X.shape[0], _TRANSFORM_BATCH):

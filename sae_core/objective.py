@@ -19,10 +19,7 @@ import torch
 
 from sae_core import model as M
 from sae_core import penalties as P
-from sae_core.config import SAEConfig
-
-FIRE_THRESHOLD = 1e-3
-"""An activation above this counts as the unit having fired (Gao et al. 2024)."""
+from sae_core.config import FIRE_THRESHOLD, SAEConfig
 
 
 class Evaluation(NamedTuple):

@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from sae_core.config import FIRE_THRESHOLD
+
 DESIGN_KEYS = (
     "rho",
     "rho_hat_mean",
@@ -321,7 +323,7 @@ class SparsityAccumulator:
     ([0.1, 0.25], 1.0, 0.0)
     """
 
-    def __init__(self, n_components: int, n_features: int, fire_threshold: float = 1e-3):
+    def __init__(self, n_components: int, n_features: int, fire_threshold: float = FIRE_THRESHOLD):
         if int(n_components) < 1 or int(n_features) < 1:
             raise ValueError(
                 f"n_components and n_features must be >= 1; got {n_components}, {n_features}"
@@ -452,7 +454,7 @@ def sparsity_stats(
     batch_size: int = 65_536,
     rho: float | None = None,
     *,
-    fire_threshold: float = 1e-3,
+    fire_threshold: float = FIRE_THRESHOLD,
     dense_thresholds: tuple[float, ...] = (0.1, 0.5),
 ) -> SparsityStats:
     """Statistics of a fitted :class:`sae_core.SparseAutoencoder` on X (m, n), in batches.
@@ -478,7 +480,7 @@ def sparsity_stats(
         rho = config.rho
     device = resolve_device(estimator.device)
     dtype = resolve_dtype(estimator.dtype)
-    p = estimator._theta_on(device, dtype)
+    p = estimator._params_on(device, dtype)
     acc = SparsityAccumulator(config.n_components, X.shape[1], fire_threshold)
     with torch.no_grad():
         for start in range(0, X.shape[0], int(batch_size)):

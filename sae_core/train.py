@@ -128,6 +128,7 @@ class Trainer:
         self.iteration = 0
         self.stop_reason: str | None = None
         self.fingerprint: str | None = None
+        self._fingerprint_memo: tuple[tuple[int, int], str] | None = None
         self._objective = make_objective(config)
         self._lbfgs: LBFGSState | None = None
         self._adam: torch.optim.Adam | None = None
@@ -141,6 +142,7 @@ class Trainer:
         # the objective caches a copy of the training data; never pickle that
         state = self.__dict__.copy()
         state["_objective"] = make_objective(self.config)
+        state["_fingerprint_memo"] = None
         return state
 
     # ------------------------------------------------------------------ helpers
@@ -166,10 +168,18 @@ class Trainer:
         record.update(zip(TERM_NAMES, values, strict=True))
         self.history.append(record)
 
+    def fingerprint_of(self, X: torch.Tensor) -> str:
+        """:func:`data_fingerprint` of X, remembered for the last tensor seen, so a resume
+        check and the fit that follows hash the data once."""
+        key = (id(X), X._version)
+        if self._fingerprint_memo is None or self._fingerprint_memo[0] != key:
+            self._fingerprint_memo = (key, data_fingerprint(X))
+        return self._fingerprint_memo[1]
+
     def _check_data(self, X: torch.Tensor) -> None:
         if not self.fingerprint_data:
             return
-        fp = data_fingerprint(X)
+        fp = self.fingerprint_of(X)
         if self.fingerprint is not None and self.fingerprint != fp and self._lbfgs is not None:
             raise ValueError(
                 "the data differ from the data this L-BFGS fit started on; full-batch "
@@ -250,7 +260,7 @@ class Trainer:
         """
         cfg = self.config
         if self.fingerprint_data:
-            self.fingerprint = data_fingerprint(X)
+            self.fingerprint = self.fingerprint_of(X)
         adam = self._ensure_adam()
         param = self._adam_param
         m = X.shape[0]
