@@ -289,26 +289,11 @@ def read_dataset(parquet_path: str | os.PathLike) -> ImageSet:
     file, rows whose pixel count is not H*W*C, or NaN/Inf pixels are a one-line
     ValueError naming the file.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from sae_core.io import read_tagged_parquet
 
     p = Path(parquet_path)
-    if not p.is_file():
-        raise ValueError(f"{p}: file not found")
-    try:
-        table = pq.read_table(p)
-    except (pa.ArrowException, OSError) as exc:
-        detail = " ".join(str(exc).split())
-        raise ValueError(f"{p}: cannot read Parquet ({detail})") from None
-    raw = (table.schema.metadata or {}).get(_META_KEY)
-    if raw is None or not table.schema.remove_metadata().equals(_schema()):
-        raise ValueError(f"{p}: not a saeflow dataset (schema or metadata differs)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise ValueError(f"{p}: not a saeflow dataset (corrupt metadata)") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != DATASET_FORMAT_VERSION:
-        raise ValueError(f"{p}: not a saeflow dataset (format_version)")
+    table, meta = read_tagged_parquet(p, _META_KEY, _schema(), DATASET_FORMAT_VERSION,
+                                      "a saeflow dataset")
 
     n = table.num_rows
     image_col = table.column("image").combine_chunks()

@@ -117,6 +117,35 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
+def read_tagged_parquet(path: str | os.PathLike, meta_key: bytes, schema: Any,
+                        format_version: int, what: str) -> tuple[Any, dict]:
+    """Read a Parquet file that saeflow wrote with ``schema`` and JSON metadata under
+    ``meta_key`` (holding ``format_version``): (pyarrow table, metadata). A missing file,
+    another Parquet file or a corrupt one is a one-line ValueError naming the file and
+    ``what`` it should have been."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: file not found")
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"{p}: cannot read Parquet ({detail})") from None
+    raw = (table.schema.metadata or {}).get(meta_key)
+    if raw is None or not table.schema.remove_metadata().equals(schema):
+        raise ValueError(f"{p}: not {what} (schema or metadata differs)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"{p}: not {what} (corrupt metadata)") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != format_version:
+        raise ValueError(f"{p}: not {what} (format_version)")
+    return table, meta
+
+
 def save_model(directory: str | os.PathLike, arrays: dict[str, np.ndarray], config: dict) -> None:
     """A model folder: ``model.safetensors`` (weights) and ``config.json`` (settings, shapes,
     and the sha256 of the weights file, so a mismatched pair is detected on load)."""

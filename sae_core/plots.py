@@ -1,55 +1,817 @@
-"""Pictures of a fitted model (matplotlib, Agg backend: no display needed)."""
+"""Pictures and plot tables of sparse-autoencoder runs (matplotlib Agg; no display needed).
+
+Every picture is a pure function of arrays returning a matplotlib Figure (``*_figure``,
+for notebooks), a ``*_png`` twin returning its PNG bytes (for reports) and a ``save_*``
+twin writing those bytes atomically (:func:`sae_core.io.atomic_path`).
+The same input gives the same bytes, in any process, for a given matplotlib version:
+figures are drawn under matplotlib's default style (a user's matplotlibrc changes nothing),
+without pyplot (no global figure state), and saved without the "Software" PNG text chunk.
+
+Pictures:
+
+- :func:`filter_grid_figure`: the learned filters, rows of W1 (k, h*w[*c]), as a grid of tiles,
+  each on its own range;
+- :func:`rho_hat_histogram_figure`: the units' mean activations rho_hat_j against the target
+  rho, with the band [rho/2, 2 rho] shaded;
+- :func:`loss_decomposition_figure`: J = reconstruction + weight decay + sparsity over the
+  iterations, and optionally the mean rho_hat over the iterations: the picture that shows
+  the optimiser lowering the *sum*, hence pushing the activations down to rho;
+- :func:`reconstructions_figure`: inputs beside their reconstructions;
+- :func:`sweep_figure`: rho_hat spread and downstream accuracy against a swept setting.
+
+Tables for ``dvc plots`` (CSV, deterministic bytes, floats written as Python's shortest
+round-trip ``repr``): :func:`write_loss_csv`, :func:`write_rho_hat_csv`.
+"""
 
 from __future__ import annotations
 
+import io
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from sae_core.io import atomic_path
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def tile_filters(W: np.ndarray, patch_shape: tuple[int, int], pad: int = 1) -> np.ndarray:
-    """Arrange the rows of W (k, h*w) as a grid of h x w tiles, each scaled to its own
-    range [min, max] -> [0, 1] (so each filter's structure shows, whatever its norm).
-    Returns one image (rows*(h+pad)+pad, cols*(w+pad)+pad) with a 0.5 grey border."""
-    k = W.shape[0]
-    h, w = patch_shape
-    if W.shape[1] != h * w:
+DPI = 100
+"""Resolution of every picture (dots per inch)."""
+
+LOSS_COLUMNS = ("iteration", "loss", "reconstruction", "weight_decay", "sparsity")
+"""Columns of :func:`write_loss_csv` (``auxiliary`` is appended when the history has it)."""
+
+_TERMS = ("reconstruction", "weight_decay", "sparsity")
+_TERM_STYLE = {
+    "loss": ("total J", "black", 2.2),
+    "reconstruction": ("reconstruction", "tab:blue", 1.4),
+    "weight_decay": ("weight decay", "tab:orange", 1.4),
+    "sparsity": ("sparsity", "tab:red", 1.4),
+    "auxiliary": ("auxiliary (AuxK)", "tab:purple", 1.4),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _figure(figsize: tuple[float, float], draw: Callable[[Any], None]) -> Figure:
+    """A fresh figure (no pyplot: no global state) drawn by ``draw`` under the default
+    style."""
+    import matplotlib.style
+    from matplotlib.figure import Figure
+
+    with matplotlib.style.context("default"):
+        fig = Figure(figsize=figsize, dpi=DPI)
+        draw(fig)
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    """A figure's PNG bytes: rendered by Agg under matplotlib's default style, without the
+    "Software" text chunk (it names the matplotlib version), so equal figures give equal
+    bytes."""
+    import matplotlib.style
+
+    buf = io.BytesIO()
+    with matplotlib.style.context("default"):
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def write_png(path: str | os.PathLike, png: bytes) -> None:
+    """Write PNG bytes to ``path`` atomically (temporary file beside it, then rename)."""
+    if not isinstance(png, (bytes, bytearray)) or not bytes(png[:8]) == b"\x89PNG\r\n\x1a\n":
+        raise ValueError("png must be the bytes of a PNG image")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(bytes(png))
+
+
+def _array(x: Any, name: str, ndim: int) -> np.ndarray:
+    """x as a finite float64 array of ``ndim`` dimensions, not empty."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numeric; got {type(x).__name__}") from None
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-d; got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _rho_hat(x: Any, name: str = "rho_hat") -> np.ndarray:
+    arr = _array(x, name, 1)
+    if (arr < 0).any():
+        raise ValueError(f"{name} has negative values (mean activations are >= 0)")
+    return arr
+
+
+def _check_rho(rho: float | None) -> float | None:
+    if rho is None:
+        return None
+    if not (isinstance(rho, (int, float, np.floating)) and 0.0 < float(rho) < 1.0):
+        raise ValueError(f"rho must be a number in (0, 1) or None; got {rho!r}")
+    return float(rho)
+
+
+def _patch_shape(patch_shape: Sequence[int], n_values: int, name: str) -> tuple[int, int, int]:
+    """(h, w) or (h, w, c) with c in {1, 3} -> (h, w, c), checked against n_values."""
+    shape = tuple(int(v) for v in patch_shape)
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != 3 or shape[2] not in (1, 3) or min(shape) < 1:
+        raise ValueError(f"patch_shape must be (h, w) or (h, w, 3); got {tuple(patch_shape)}")
+    h, w, c = shape
+    if h * w * c != n_values:
         raise ValueError(
-            f"filters have {W.shape[1]} values, patch_shape {patch_shape} needs {h * w}"
+            f"{name} have {n_values} values each, patch_shape {tuple(patch_shape)} needs "
+            f"{h * w * c}"
         )
+    return h, w, c
+
+
+def _scaled(tile: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Affine map [lo, hi] -> [0, 1]; a flat tile (hi == lo) becomes 0.5 grey."""
+    if hi > lo:
+        return (tile - lo) / (hi - lo)
+    return np.full_like(tile, 0.5)
+
+
+def _canvas(rows: int, cols: int, tile_h: int, tile_w: int, pad: int, c: int) -> np.ndarray:
+    shape = (rows * (tile_h + pad) + pad, cols * (tile_w + pad) + pad)
+    return np.full((*shape, c) if c == 3 else shape, 0.5)
+
+
+def _log_ok(values: np.ndarray, log_x: bool | str, name: str) -> bool:
+    """log_x "auto": log when all values are > 0 and span at least a factor 10."""
+    if log_x == "auto":
+        return bool((values > 0).all() and values.max() >= 10 * values.min())
+    if log_x is True:
+        if (values <= 0).any():
+            raise ValueError(f"log_x=True needs {name} > 0; got min {values.min():g}")
+        return True
+    if log_x is False:
+        return False
+    raise ValueError(f"log_x must be True, False or 'auto'; got {log_x!r}")
+
+
+# ----------------------------------------------------------------------------- filters
+def tile_filters(W: np.ndarray, patch_shape: Sequence[int], pad: int = 1) -> np.ndarray:
+    """Arrange the rows of W (k, h*w) or (k, h*w*3) as a grid of h x w tiles.
+
+    Each filter is scaled to its own range, [min_f, max_f] -> [0, 1] (over all three
+    channels together for colour, so its colour balance is kept), so each filter's
+    structure shows whatever its norm. Colour rows are flattened row-major, channels last,
+    as the patches are. The grid has ceil(sqrt(k)) columns and a 0.5 grey border of ``pad``
+    pixels. Returns (rows*(h+pad)+pad, cols*(w+pad)+pad), with a last axis of 3 for colour.
+    """
+    W = _array(W, "W", 2)
+    k = W.shape[0]
+    h, w, c = _patch_shape(patch_shape, W.shape[1], "filters")
     cols = math.ceil(math.sqrt(k))
     rows = math.ceil(k / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 0.5)
+    grid = _canvas(rows, cols, h, w, pad, c)
     for i in range(k):
-        f = W[i].reshape(h, w)
-        lo, hi = f.min(), f.max()
-        f = (f - lo) / (hi - lo) if hi > lo else np.full_like(f, 0.5)
-        r, c = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
-        grid[top : top + h, left : left + w] = f
+        f = W[i].reshape(h, w, c) if c == 3 else W[i].reshape(h, w)
+        r, col = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = _scaled(f, f.min(), f.max())
     return grid
 
 
-def save_filter_grid(
-    path: str | os.PathLike, W: np.ndarray, patch_shape: tuple[int, int], title: str = ""
-) -> None:
-    """Write the filter grid of W (k, h*w) as a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = tile_filters(W, patch_shape)
-    fig, ax = plt.subplots(figsize=(4, 4 * grid.shape[0] / grid.shape[1] + 0.3), dpi=120)
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+def _show_grid(fig: Any, grid: np.ndarray, title: str) -> None:
+    ax = fig.add_axes((0.02, 0.02, 0.96, 0.88 if title else 0.96))
+    if grid.ndim == 3:
+        ax.imshow(grid, vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
-        ax.set_title(title, fontsize=8)
+        fig.suptitle(title, fontsize=8, y=0.97)
+
+
+def _grid_figsize(grid: np.ndarray, width: float = 4.8, title: str = "") -> tuple[float, float]:
+    aspect = grid.shape[0] / grid.shape[1]
+    return (width, width * aspect / 0.96 * (0.96 / 0.88 if title else 1.0))
+
+
+def filter_grid_figure(W: np.ndarray, patch_shape: Sequence[int], title: str = "") -> Figure:
+    """Figure of :func:`tile_filters` (W (k, h*w) grey or (k, h*w*3) colour)."""
+    grid = tile_filters(W, patch_shape)
+    return _figure(_grid_figsize(grid, title=title), lambda fig: _show_grid(fig, grid, title))
+
+
+def filter_grid_png(W: np.ndarray, patch_shape: Sequence[int], title: str = "") -> bytes:
+    """PNG bytes of :func:`filter_grid_figure`."""
+    return figure_png(filter_grid_figure(W, patch_shape, title))
+
+
+def save_filter_grid(
+    path: str | os.PathLike, W: np.ndarray, patch_shape: Sequence[int], title: str = ""
+) -> None:
+    """Write :func:`filter_grid_png` to ``path``, atomically."""
+    write_png(path, filter_grid_png(W, patch_shape, title))
+
+
+# ----------------------------------------------------------------------------- reconstructions
+def tile_pairs(
+    X: np.ndarray, X_hat: np.ndarray, patch_shape: Sequence[int], pad: int = 1
+) -> np.ndarray:
+    """Inputs beside their reconstructions: rows of X (m, h*w[*3]) and X_hat (m, h*w[*3]).
+
+    Pair i is the tile of x_i, ``pad`` pixels, then the tile of x_hat_i, both mapped with the
+    same affine map [min(x_i, x_hat_i), max(x_i, x_hat_i)] -> [0, 1], so brightness is
+    comparable within a pair (a faded reconstruction looks faded). Pairs are laid out in
+    ceil(sqrt(m / 2)) columns (a roughly square picture), 3 * pad pixels apart; the
+    background is 0.5 grey. Returns a 2-d image, or 3-d (..., 3) for colour.
+    """
+    X = _array(X, "X", 2)
+    X_hat = _array(X_hat, "X_hat", 2)
+    if X_hat.shape != X.shape:
+        raise ValueError(f"X_hat must have the shape of X {X.shape}; got {X_hat.shape}")
+    m = X.shape[0]
+    h, w, c = _patch_shape(patch_shape, X.shape[1], "inputs")
+    cols = math.ceil(math.sqrt(m / 2))
+    rows = math.ceil(m / cols)
+    pair_w = 2 * w + pad
+    gap = 3 * pad
+    shape = (rows * (h + pad) + pad, cols * (pair_w + gap) - gap + 2 * pad)
+    grid = np.full((*shape, c) if c == 3 else shape, 0.5)
+    tile_shape = (h, w, c) if c == 3 else (h, w)
+    for i in range(m):
+        x, x_hat = X[i].reshape(tile_shape), X_hat[i].reshape(tile_shape)
+        lo, hi = min(x.min(), x_hat.min()), max(x.max(), x_hat.max())
+        r, col = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + col * (pair_w + gap)
+        grid[top : top + h, left : left + w] = _scaled(x, lo, hi)
+        grid[top : top + h, left + w + pad : left + pair_w] = _scaled(x_hat, lo, hi)
+    return grid
+
+
+def reconstructions_figure(
+    X: np.ndarray,
+    X_hat: np.ndarray,
+    patch_shape: Sequence[int],
+    *,
+    n_pairs: int = 16,
+    title: str = "",
+) -> Figure:
+    """Figure of :func:`tile_pairs` for the first ``n_pairs`` rows of X and X_hat (m, h*w[*3]).
+
+    The default title says which tile is which: "input | reconstruction (each pair on its
+    own scale)".
+    """
+    if int(n_pairs) < 1:
+        raise ValueError(f"n_pairs must be >= 1; got {n_pairs!r}")
+    X = _array(X, "X", 2)
+    X_hat = _array(X_hat, "X_hat", 2)
+    n = min(int(n_pairs), X.shape[0])
+    grid = tile_pairs(X[:n], X_hat[:n], patch_shape)
+    title = title or "input | reconstruction (each pair on its own scale)"
+    return _figure(
+        _grid_figsize(grid, width=5.6, title=title), lambda fig: _show_grid(fig, grid, title)
+    )
+
+
+def reconstructions_png(
+    X: np.ndarray,
+    X_hat: np.ndarray,
+    patch_shape: Sequence[int],
+    *,
+    n_pairs: int = 16,
+    title: str = "",
+) -> bytes:
+    """PNG bytes of :func:`reconstructions_figure`."""
+    return figure_png(reconstructions_figure(X, X_hat, patch_shape, n_pairs=n_pairs, title=title))
+
+
+def save_reconstructions(
+    path: str | os.PathLike,
+    X: np.ndarray,
+    X_hat: np.ndarray,
+    patch_shape: Sequence[int],
+    *,
+    n_pairs: int = 16,
+    title: str = "",
+) -> None:
+    """Write :func:`reconstructions_png` to ``path``, atomically."""
+    write_png(path, reconstructions_png(X, X_hat, patch_shape, n_pairs=n_pairs, title=title))
+
+
+# ----------------------------------------------------------------------------- rho_hat
+class HistogramBins(NamedTuple):
+    """Bins of a rho_hat histogram: ``edges`` (n_bins + 1,), ``log`` (log-x axis or not),
+    ``view`` (x-limits: the data and, with a target, the band [rho/2, 2 rho])."""
+
+    edges: np.ndarray
+    log: bool
+    view: tuple[float, float]
+
+
+def rho_hat_bins(
+    rho_hat: np.ndarray,
+    rho: float | None = None,
+    bins: int | None = None,
+    log_x: bool | str = "auto",
+) -> HistogramBins:
+    """Bins for the histogram of rho_hat (s,), values >= 0.
+
+    The bins span the data alone (so values clustered near a small rho are resolved: 30
+    units in [0.0095, 0.0105] fall into many bins, not one), and the view also takes in
+    [rho/2, 2 rho]. The number of bins is ``bins`` or clip(2 ceil(sqrt(s)), 10, 60).
+    ``log_x="auto"`` chooses a log axis when the view's positive part spans more than a
+    factor 20 (a few units far from the rest); bins are then geometric over the positive
+    values, and units at exactly 0 cannot be drawn (the picture says how many).
+    """
+    v = _rho_hat(rho_hat)
+    rho = _check_rho(rho)
+    default = int(np.clip(2 * math.ceil(math.sqrt(v.size)), 10, 60))
+    n_bins = int(bins) if bins is not None else default
+    if n_bins < 1:
+        raise ValueError(f"bins must be >= 1; got {bins!r}")
+    pos = v[v > 0]
+    lows = [*([pos.min()] if pos.size else []), *([rho / 2] if rho else [])]
+    highs = [*([pos.max()] if pos.size else []), *([2 * rho] if rho else [])]
+    if log_x == "auto":
+        log = bool(lows) and max(highs) > 20 * min(lows)
+    elif log_x is True:
+        if not lows:
+            raise ValueError("log_x=True needs some rho_hat > 0 or a target rho")
+        log = True
+    elif log_x is False:
+        log = False
+    else:
+        raise ValueError(f"log_x must be True, False or 'auto'; got {log_x!r}")
+
+    if log:
+        data = pos if pos.size else np.array([rho])
+        lo, hi = data.min(), data.max()
+        if hi == lo:
+            lo, hi = lo / 1.1, hi * 1.1
+        if bins is None:  # at least 8 bins per decade, so a cluster is not one bar
+            n_bins = min(80, max(n_bins, math.ceil(8 * math.log10(hi / lo))))
+        edges = np.geomspace(lo, hi, n_bins + 1)
+        view = (min(lows) / 1.3, max(highs) * 1.3)
+    else:
+        lo, hi = v.min(), v.max()
+        if hi == lo:
+            half = 0.05 * (abs(lo) or (rho or 1.0))
+            lo, hi = max(0.0, lo - half), lo + half + (half if lo == 0 else 0.0)
+        edges = np.linspace(lo, hi, n_bins + 1)
+        v_lo = min(edges[0], rho / 2) if rho else edges[0]
+        v_hi = max(edges[-1], 2 * rho) if rho else edges[-1]
+        margin = 0.04 * (v_hi - v_lo)
+        view = (max(0.0, v_lo - margin), v_hi + margin)
+    return HistogramBins(edges, log, (float(view[0]), float(view[1])))
+
+
+def _draw_rho_hat_histogram(
+    fig: Any, v: np.ndarray, rho: float | None, hb: HistogramBins, title: str
+) -> None:
+    ax = fig.add_subplot()
+    shown = v[v > 0] if hb.log else v
+    counts, _ = np.histogram(np.clip(shown, hb.edges[0], hb.edges[-1]), bins=hb.edges)
+    ax.stairs(counts, hb.edges, fill=True, color="tab:blue", alpha=0.8,
+              label=f"{v.size} unit" + ("" if v.size == 1 else "s"))
+    if rho is not None:
+        near = float(np.mean((v >= rho / 2) & (v <= 2 * rho)))
+        ax.axvspan(rho / 2, 2 * rho, color="tab:green", alpha=0.15,
+                   label=f"[rho/2, 2 rho]: {100 * near:.0f}% of units")
+        ax.axvline(rho, color="tab:green", lw=2, label=f"target rho = {rho:g}")
+    ax.axvline(float(v.mean()), color="black", lw=1, ls=":",
+               label=f"mean rho_hat = {v.mean():.4g}")
+    if hb.log:
+        ax.set_xscale("log")
+        zeros = int((v <= 0).sum())
+        if zeros:
+            units = "unit" if zeros == 1 else "units"
+            ax.plot([], [], " ", label=f"{zeros} {units} at rho_hat = 0 (off the log axis)")
+    ax.set_xlim(*hb.view)
+    ax.set_xlabel("rho_hat_j = mean activation of unit j")
+    ax.set_ylabel("units")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title or "Mean activation per hidden unit", fontsize=9)
     fig.tight_layout()
+
+
+def rho_hat_histogram_figure(
+    rho_hat: np.ndarray,
+    rho: float | None = None,
+    *,
+    bins: int | None = None,
+    log_x: bool | str = "auto",
+    title: str = "",
+) -> Figure:
+    """Histogram of rho_hat (s,), the units' mean activations, >= 0.
+
+    With a target ``rho`` in (0, 1): a vertical line at rho, the band [rho/2, 2 rho]
+    shaded and the fraction of units inside it in the legend (the ``frac_units_near_target``
+    of :mod:`sae_core.stats`). The mean of rho_hat is a dotted line. Bins and axis: see
+    :func:`rho_hat_bins`.
+    """
+    v = _rho_hat(rho_hat)
+    rho = _check_rho(rho)
+    hb = rho_hat_bins(v, rho, bins, log_x)
+    return _figure((5.0, 3.4), lambda fig: _draw_rho_hat_histogram(fig, v, rho, hb, title))
+
+
+def rho_hat_histogram_png(
+    rho_hat: np.ndarray,
+    rho: float | None = None,
+    *,
+    bins: int | None = None,
+    log_x: bool | str = "auto",
+    title: str = "",
+) -> bytes:
+    """PNG bytes of :func:`rho_hat_histogram_figure`."""
+    return figure_png(rho_hat_histogram_figure(rho_hat, rho, bins=bins, log_x=log_x, title=title))
+
+
+def save_rho_hat_histogram(
+    path: str | os.PathLike,
+    rho_hat: np.ndarray,
+    rho: float | None = None,
+    *,
+    bins: int | None = None,
+    log_x: bool | str = "auto",
+    title: str = "",
+) -> None:
+    """Write :func:`rho_hat_histogram_png` to ``path``, atomically."""
+    write_png(path, rho_hat_histogram_png(rho_hat, rho, bins=bins, log_x=log_x, title=title))
+
+
+# ----------------------------------------------------------------------------- loss
+def history_columns(history: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """The per-iteration records (``SparseAutoencoder.history_``) as columns, each (T,).
+
+    Every record must hold the numbers loss, reconstruction, weight_decay and sparsity;
+    ``iteration`` is taken from the records when all have it (else 0..T-1), and
+    ``auxiliary`` is included when any record has it (missing entries count as 0).
+    """
+    if isinstance(history, Mapping) or not isinstance(history, Sequence):
+        raise ValueError("history must be a list of per-iteration dicts (history_)")
+    if len(history) == 0:
+        raise ValueError("history is empty")
+    names = ["loss", *_TERMS]
+    cols: dict[str, list[float]] = {name: [] for name in names}
+    has_iter = all(isinstance(r, Mapping) and "iteration" in r for r in history)
+    has_aux = any(isinstance(r, Mapping) and "auxiliary" in r for r in history)
+    iters, aux = [], []
+    for t, record in enumerate(history):
+        if not isinstance(record, Mapping):
+            raise ValueError(f"history[{t}] must be a dict; got {type(record).__name__}")
+        for name in names:
+            if name not in record:
+                raise ValueError(f"history[{t}] has no {name!r}")
+            cols[name].append(record[name])
+        iters.append(record["iteration"] if has_iter else t)
+        aux.append(record.get("auxiliary", 0.0))
+    out = {"iteration": _array(iters, "history iteration", 1).astype(np.int64)}
+    for name in names:
+        out[name] = _array(cols[name], f"history {name}", 1)
+    if has_aux:
+        out["auxiliary"] = _array(aux, "history auxiliary", 1)
+    return out
+
+
+def _draw_loss(
+    fig: Any,
+    cols: dict[str, np.ndarray],
+    rho_hat_mean: np.ndarray | None,
+    rho: float | None,
+    log_y: bool,
+    x_label: str,
+    title: str,
+) -> None:
+    x = cols["iteration"]
+    if rho_hat_mean is None:
+        ax = fig.add_subplot()
+        ax_rho = None
+    else:
+        ax, ax_rho = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    names = [n for n in ("loss", *_TERMS, "auxiliary") if n in cols]
+    if "auxiliary" in names and not (cols["auxiliary"] != 0).any():
+        names.remove("auxiliary")
+    for name in names:
+        label, color, lw = _TERM_STYLE[name]
+        y = cols[name]
+        if log_y and not (y > 0).any():
+            ax.plot([], [], color=color, lw=lw, ls="--", label=f"{label} = 0 (not shown)")
+            continue
+        ax.plot(x, y, color=color, lw=lw, label=f"{label}: {y[-1]:.4g}")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_ylabel("loss term")
+    ax.legend(fontsize=7, loc="best", title="J = sum of the terms (last value)",
+              title_fontsize=7)
+    ax.set_title(title or "Loss decomposition over training", fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    if ax_rho is not None:
+        assert rho_hat_mean is not None
+        if rho_hat_mean.ndim == 2:
+            ax_rho.fill_between(x, rho_hat_mean.min(axis=1), rho_hat_mean.max(axis=1),
+                                color="tab:blue", alpha=0.2, lw=0, label="min..max over units")
+            mean = rho_hat_mean.mean(axis=1)
+        else:
+            mean = rho_hat_mean
+        ax_rho.plot(x, mean, color="tab:blue", lw=1.6, label=f"mean rho_hat: {mean[-1]:.4g}")
+        if rho is not None:
+            ax_rho.axhline(rho, color="tab:green", lw=1.4, ls="--", label=f"target rho = {rho:g}")
+        if log_y and (rho_hat_mean > 0).all():
+            ax_rho.set_yscale("log")
+        ax_rho.set_ylabel("rho_hat")
+        ax_rho.legend(fontsize=7, loc="best")
+        ax_rho.grid(True, which="major", alpha=0.3)
+        ax_rho.set_xlabel(x_label)
+    else:
+        ax.set_xlabel(x_label)
+    fig.tight_layout()
+
+
+def loss_decomposition_figure(
+    history: Sequence[Mapping[str, Any]],
+    rho_hat_mean: np.ndarray | None = None,
+    *,
+    rho: float | None = None,
+    log_y: bool = True,
+    x_label: str = "iteration",
+    title: str = "",
+) -> Figure:
+    """Figure of the terms of J over the iterations of ``history`` (list of T dicts).
+
+    J = reconstruction + weight decay + sparsity (+ auxiliary for AuxK, drawn when not
+    all 0): the total in black, each term in colour, the last values in the legend, log-y
+    by default (the terms differ by orders of magnitude). A term that is 0 throughout
+    (beta = 0, weight_decay = 0) cannot be drawn on a log axis and is listed as such.
+
+    ``rho_hat_mean`` (T,) adds a second panel with the mean activation over the units per
+    iteration (or (T, s): rho_hat per unit per iteration, drawn as the mean and its
+    min..max band), with the target ``rho`` as a dashed line: the sparsity term falling
+    while rho_hat approaches rho is why adding the penalty ends with lower activations.
+    """
+    cols = history_columns(history)
+    rho = _check_rho(rho)
+    rh = None
+    if rho_hat_mean is not None:
+        raw = np.asarray(rho_hat_mean)
+        rh = _array(raw, "rho_hat_mean", 2 if raw.ndim == 2 else 1)
+        if rh.shape[0] != cols["loss"].size:
+            raise ValueError(
+                f"rho_hat_mean has {rh.shape[0]} rows, history has {cols['loss'].size} "
+                "iterations"
+            )
+    height = 5.2 if rh is not None else 3.4
+    return _figure(
+        (5.6, height), lambda fig: _draw_loss(fig, cols, rh, rho, bool(log_y), x_label, title)
+    )
+
+
+def loss_decomposition_png(
+    history: Sequence[Mapping[str, Any]],
+    rho_hat_mean: np.ndarray | None = None,
+    *,
+    rho: float | None = None,
+    log_y: bool = True,
+    x_label: str = "iteration",
+    title: str = "",
+) -> bytes:
+    """PNG bytes of :func:`loss_decomposition_figure`."""
+    return figure_png(
+        loss_decomposition_figure(
+            history, rho_hat_mean, rho=rho, log_y=log_y, x_label=x_label, title=title
+        )
+    )
+
+
+def save_loss_decomposition(
+    path: str | os.PathLike,
+    history: Sequence[Mapping[str, Any]],
+    rho_hat_mean: np.ndarray | None = None,
+    *,
+    rho: float | None = None,
+    log_y: bool = True,
+    x_label: str = "iteration",
+    title: str = "",
+) -> None:
+    """Write :func:`loss_decomposition_png` to ``path``, atomically."""
+    write_png(
+        path,
+        loss_decomposition_png(
+            history, rho_hat_mean, rho=rho, log_y=log_y, x_label=x_label, title=title
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- sweeps
+def sweep_summary(rho_hat: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """The spread of rho_hat at each point of a sweep: ``rho_hat`` is a sequence of p
+    arrays (s_i,) (or a (p, s) array); returns min, q1, median, q3, max, each (p,)
+    (quartiles by numpy's linear interpolation)."""
+    if isinstance(rho_hat, np.ndarray) and rho_hat.ndim == 2:
+        rows = list(rho_hat)
+    elif isinstance(rho_hat, Sequence) and not isinstance(rho_hat, (str, bytes)):
+        rows = list(rho_hat)
+    else:
+        raise ValueError("rho_hat must be a sequence of 1-d arrays, one per swept value")
+    if not rows:
+        raise ValueError("rho_hat is empty")
+    vs = [_rho_hat(r, f"rho_hat[{i}]") for i, r in enumerate(rows)]
+    q = np.array([np.quantile(v, [0.0, 0.25, 0.5, 0.75, 1.0]) for v in vs])
+    return dict(zip(("min", "q1", "median", "q3", "max"), q.T, strict=True))
+
+
+def _draw_sweep(
+    fig: Any,
+    x: np.ndarray,
+    spread: dict[str, np.ndarray],
+    accuracy: np.ndarray | None,
+    raw: np.ndarray | float | None,
+    rho: float | None,
+    name: str,
+    log_x: bool,
+    title: str,
+) -> None:
+    order = np.argsort(x, kind="stable")
+    x = x[order]
+    spread = {k: v[order] for k, v in spread.items()}
+    if accuracy is None:
+        ax = fig.add_subplot()
+        ax_acc = None
+    else:
+        ax, ax_acc = fig.subplots(2, 1, sharex=True)
+        accuracy = accuracy[order]
+        if isinstance(raw, np.ndarray):
+            raw = raw[order]
+    values = np.concatenate(list(spread.values()))
+    positive = values[values > 0]
+    floor = float(positive.min()) / 10 if positive.size else 1e-6
+    if rho is not None:
+        floor = min(floor, rho / 10)
+    clipped = {k: np.maximum(v, floor) for k, v in spread.items()}
+    ax.fill_between(x, clipped["q1"], clipped["q3"], color="tab:blue", alpha=0.25, lw=0,
+                    label="quartiles over units")
+    ax.plot(x, clipped["min"], color="tab:blue", lw=0.8, ls="--", label="min / max")
+    ax.plot(x, clipped["max"], color="tab:blue", lw=0.8, ls="--")
+    ax.plot(x, clipped["median"], color="tab:blue", lw=1.8, marker="o", ms=4,
+            label="median rho_hat")
+    if rho is not None:
+        ax.axhline(rho, color="tab:green", lw=1.4, label=f"target rho = {rho:g}")
+    ax.set_yscale("log")
+    if (values <= 0).any():
+        ax.plot([], [], " ", label=f"rho_hat = 0 drawn at {floor:.1e}")
+    ax.set_ylabel("rho_hat per unit")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_title(title or f"Sweep over {name}", fontsize=9)
+    last = ax
+    if ax_acc is not None:
+        assert accuracy is not None
+        ax_acc.plot(x, accuracy, color="tab:red", lw=1.6, marker="o", ms=4,
+                    label="learned features")
+        if isinstance(raw, np.ndarray):
+            ax_acc.plot(x, raw, color="gray", lw=1.2, ls="--", marker="s", ms=3,
+                        label="raw pixels")
+        elif raw is not None:
+            ax_acc.axhline(raw, color="gray", lw=1.2, ls="--", label=f"raw pixels: {raw:.3g}")
+        ax_acc.set_ylabel("test accuracy")
+        ax_acc.legend(fontsize=7, loc="best")
+        ax_acc.grid(True, which="major", alpha=0.3)
+        last = ax_acc
+    if log_x:
+        last.set_xscale("log")
+    last.set_xlabel(name)
+    fig.tight_layout()
+
+
+def sweep_figure(
+    values: Sequence[float],
+    rho_hat: Sequence[np.ndarray],
+    *,
+    name: str = "beta",
+    accuracy: Sequence[float] | None = None,
+    raw_accuracy: float | Sequence[float] | None = None,
+    rho: float | None = None,
+    log_x: bool | str = "auto",
+    title: str = "",
+) -> Figure:
+    """Figure of a sweep over one setting ``name`` (beta, k, l1_coefficient, ...).
+
+    ``values`` (p,) are the swept settings; ``rho_hat`` holds p arrays (s_i,) of the units'
+    mean activations (see :func:`sweep_summary`). Top panel, log-y: the median over units
+    with the quartile band and min/max lines (units at 0 are drawn at a floor one decade
+    below the smallest positive value, as the legend says), the target ``rho`` if given.
+    Bottom panel, when ``accuracy`` (p,) is given: downstream accuracy on the learned
+    features, against ``raw_accuracy`` (a number: a horizontal line; or (p,)). Points are
+    sorted by value. ``log_x="auto"``: log x when all values are > 0 and span a factor 10.
+    """
+    x = _array(values, "values", 1)
+    spread = sweep_summary(rho_hat)
+    if spread["median"].size != x.size:
+        raise ValueError(f"rho_hat has {spread['median'].size} entries, values has {x.size}")
+    rho = _check_rho(rho)
+    acc = raw = None
+    if accuracy is not None:
+        acc = _array(accuracy, "accuracy", 1)
+        if acc.size != x.size:
+            raise ValueError(f"accuracy has {acc.size} entries, values has {x.size}")
+    if raw_accuracy is not None:
+        if accuracy is None:
+            raise ValueError("raw_accuracy needs accuracy (the baseline is drawn beside it)")
+        if np.ndim(raw_accuracy) == 0:
+            raw = float(_array([raw_accuracy], "raw_accuracy", 1)[0])
+        else:
+            raw = _array(raw_accuracy, "raw_accuracy", 1)
+            if raw.size != x.size:
+                raise ValueError(f"raw_accuracy has {raw.size} entries, values has {x.size}")
+    log = _log_ok(x, log_x, "values")
+    height = 5.4 if acc is not None else 3.4
+    return _figure(
+        (5.4, height),
+        lambda fig: _draw_sweep(fig, x, spread, acc, raw, rho, str(name), log, title),
+    )
+
+
+def sweep_png(
+    values: Sequence[float],
+    rho_hat: Sequence[np.ndarray],
+    *,
+    name: str = "beta",
+    accuracy: Sequence[float] | None = None,
+    raw_accuracy: float | Sequence[float] | None = None,
+    rho: float | None = None,
+    log_x: bool | str = "auto",
+    title: str = "",
+) -> bytes:
+    """PNG bytes of :func:`sweep_figure`."""
+    return figure_png(
+        sweep_figure(
+            values, rho_hat, name=name, accuracy=accuracy, raw_accuracy=raw_accuracy,
+            rho=rho, log_x=log_x, title=title,
+        )
+    )
+
+
+def save_sweep(
+    path: str | os.PathLike,
+    values: Sequence[float],
+    rho_hat: Sequence[np.ndarray],
+    *,
+    name: str = "beta",
+    accuracy: Sequence[float] | None = None,
+    raw_accuracy: float | Sequence[float] | None = None,
+    rho: float | None = None,
+    log_x: bool | str = "auto",
+    title: str = "",
+) -> None:
+    """Write :func:`sweep_png` to ``path``, atomically."""
+    write_png(
+        path,
+        sweep_png(
+            values, rho_hat, name=name, accuracy=accuracy, raw_accuracy=raw_accuracy,
+            rho=rho, log_x=log_x, title=title,
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- CSV
+def _num(x: float) -> str:
+    """A float as Python's shortest round-trip repr (deterministic, exact)."""
+    return repr(float(x))
+
+
+def _write_csv(path: str | os.PathLike, header: Sequence[str], rows: list[list[str]]) -> None:
+    text = "".join(",".join(r) + "\n" for r in [list(header), *rows])
     with atomic_path(path) as tmp:
-        # metadata=None-like settings keep the bytes identical across runs
-        fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
+        tmp.write_bytes(text.encode("ascii"))
+
+
+def write_loss_csv(path: str | os.PathLike, history: Sequence[Mapping[str, Any]]) -> None:
+    """The loss terms per iteration as CSV for ``dvc plots``, atomically.
+
+    Columns ``iteration, loss, reconstruction, weight_decay, sparsity`` (and
+    ``auxiliary`` when the records have it: the terms then sum to the loss); one row per
+    record of ``history`` (``SparseAutoencoder.history_``); floats as Python's shortest
+    round-trip repr, "\\n" line ends: the same history gives the same bytes.
+    """
+    cols = history_columns(history)
+    header = [*LOSS_COLUMNS, *(["auxiliary"] if "auxiliary" in cols else [])]
+    rows = [
+        [str(int(cols["iteration"][t]))] + [_num(cols[c][t]) for c in header[1:]]
+        for t in range(cols["loss"].size)
+    ]
+    _write_csv(path, header, rows)
+
+
+def write_rho_hat_csv(
+    path: str | os.PathLike, rho_hat: np.ndarray, rho: float | None = None
+) -> None:
+    """rho_hat per unit as CSV for ``dvc plots``, atomically: columns ``unit, rho_hat,
+    target`` (target = rho on every row, empty without one); floats as shortest repr."""
+    v = _rho_hat(rho_hat)
+    rho = _check_rho(rho)
+    target = "" if rho is None else _num(rho)
+    _write_csv(path, ["unit", "rho_hat", "target"],
+               [[str(j), _num(v[j]), target] for j in range(v.size)])

@@ -41,6 +41,7 @@ torch here.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -485,10 +486,88 @@ def sparsity_stats(
     with torch.no_grad():
         for start in range(0, X.shape[0], int(batch_size)):
             x_np = X[start : start + int(batch_size)]
-            xb = torch.from_numpy(x_np).to(device, dtype)
+            # a read-only view (a memory-mapped patch store) is copied: torch wants writable
+            xb = torch.from_numpy(x_np if x_np.flags.writeable else x_np.copy()).to(device, dtype)
             a = M.encode(p, xb, config.penalty, config.effective_k)
             # p.W2 is the stored effective decoder (already unit-norm): applied as is
             out = torch.addmm(p.b2, a, p.W2.t())
             x_hat = torch.sigmoid(out) if config.penalty == "kl" else out
             acc.update(a, x_np, x_hat)  # the data as given, not their cast to dtype
     return acc.result(rho=rho, dense_thresholds=dense_thresholds)
+
+
+PER_UNIT_FORMAT_VERSION = 1
+_PER_UNIT_META_KEY = b"saeflow"
+PER_UNIT_COLUMNS = ("unit", "rho_hat", "firing_rate", "kl", "kurtosis", "max_activation")
+"""Columns of the per-unit Parquet table (:meth:`SparsityStats.per_unit`), in order."""
+
+
+def _per_unit_schema():
+    import pyarrow as pa
+
+    fields = [pa.field("unit", pa.int64(), nullable=False)]
+    fields += [pa.field(name, pa.float64(), nullable=False) for name in PER_UNIT_COLUMNS[1:]]
+    return pa.schema(fields)
+
+
+def write_per_unit(path: str | os.PathLike, stats: SparsityStats) -> None:
+    """Write ``stats.per_unit()`` as a Parquet table of s rows, atomically.
+
+    Columns: unit (int64), rho_hat, firing_rate, kl (NaN without a target rho), kurtosis,
+    max_activation (float64), one row per hidden unit j = 0..s-1. The schema metadata key
+    ``saeflow`` holds JSON {format_version, rho, fire_threshold, n_examples} (rho null
+    without a target). The table is built from numpy arrays (no pandas metadata) and
+    written with fixed settings and no statistics, so the same statistics give the same
+    bytes (for a given pyarrow version: its name is in the file footer).
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sae_core.io import atomic_path
+
+    if not isinstance(stats, SparsityStats):
+        raise ValueError(f"stats must be a SparsityStats; got {type(stats).__name__}")
+    columns = stats.per_unit()
+    meta = {
+        "format_version": PER_UNIT_FORMAT_VERSION,
+        "rho": stats.rho,
+        "fire_threshold": stats.fire_threshold,
+        "n_examples": stats.n_examples,
+    }
+    schema = _per_unit_schema().with_metadata(
+        {_PER_UNIT_META_KEY: json.dumps(meta, sort_keys=True)}
+    )
+    arrays = [
+        pa.array(np.asarray(columns["unit"], dtype=np.int64)),
+        *(pa.array(np.asarray(columns[c], dtype=np.float64)) for c in PER_UNIT_COLUMNS[1:]),
+    ]
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            compression_level=3,
+            use_dictionary=False,
+            write_statistics=False,
+            version="2.6",
+            data_page_version="1.0",
+            store_schema=True,
+        )
+
+
+def read_per_unit(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a table written by :func:`write_per_unit`: (columns, metadata).
+
+    ``columns`` maps each name of :data:`PER_UNIT_COLUMNS` to a numpy array (s,);
+    ``metadata`` is {format_version, rho, fire_threshold, n_examples}. A missing file,
+    another Parquet file or a corrupt one is a one-line ValueError naming the file.
+    """
+    from sae_core.io import read_tagged_parquet
+
+    table, meta = read_tagged_parquet(path, _PER_UNIT_META_KEY, _per_unit_schema(),
+                                      PER_UNIT_FORMAT_VERSION, "a saeflow per-unit table")
+    columns = {name: table.column(name).to_numpy() for name in PER_UNIT_COLUMNS}
+    return columns, meta

@@ -15,10 +15,13 @@ from sae_core import SparseAutoencoder
 from sae_core import stats as stats_module
 from sae_core.stats import (
     DESIGN_KEYS,
+    PER_UNIT_COLUMNS,
     SparsityAccumulator,
     hoyer_sparsity,
     kl_bernoulli,
+    read_per_unit,
     sparsity_stats,
+    write_per_unit,
 )
 
 
@@ -172,6 +175,16 @@ def test_kurtosis_matches_scipy():
     assert s.kurtosis_mean == pytest.approx(expected.mean(), rel=1e-9)
 
 
+def test_kurtosis_by_hand():
+    # values 0, 0, 0, 1: mean 1/4, M2 = 3/16 + 9/16 = 3/4, M4 = 3/256 + 81/256 = 84/256;
+    # m M4 / M2^2 - 3 = 4 (84/256) / (9/16) - 3 = 7/3 - 3 = -2/3
+    s = stats_of(np.array([[0.0], [0.0], [0.0], [1.0]]), splits=[1, 3])
+    assert s.kurtosis[0] == pytest.approx(-2 / 3, rel=1e-14)
+    # symmetric two-point unit -1, 1 (a ReLU unit is >= 0, but the formula is general):
+    # M2 = 2, M4 = 2, 2 * 2 / 4 - 3 = -2
+    assert stats_of(np.array([[-1.0], [1.0]])).kurtosis[0] == pytest.approx(-2.0, rel=1e-14)
+
+
 def test_kurtosis_of_constant_unit_is_zero():
     A = np.column_stack([np.full(7, 0.3), np.zeros(7), np.arange(7.0)])
     s = stats_of(A, splits=[2, 3])
@@ -203,6 +216,17 @@ def test_mse_and_fvu_closed_form(recon_case):
     assert s.sse_per_example == pytest.approx(sse / m, rel=1e-13)
     assert s.total_sum_squares == pytest.approx(sst, rel=1e-12)
     assert s.fvu == pytest.approx(sse / sst, rel=1e-12)
+
+
+def test_mse_and_fvu_by_hand():
+    X = np.array([[0.0, 1.0], [1.0, 1.0]])
+    X_hat = np.array([[0.5, 1.0], [1.0, 0.0]])
+    s = stats_of(np.zeros((2, 1)), X, X_hat, splits=[1])
+    # errors 0.5, 0, 0, 1: SSE = 0.25 + 1 = 1.25 over m n = 4 values
+    assert s.sse == 1.25 and s.mse == 1.25 / 4 and s.sse_per_example == 1.25 / 2
+    # column means (0.5, 1): SST = 0.25 + 0.25 + 0 + 0 = 0.5 (each batch alone has SST 0)
+    assert s.total_sum_squares == pytest.approx(0.5, rel=1e-15)
+    assert s.fvu == pytest.approx(2.5, rel=1e-15)
 
 
 def test_every_statistic_is_invariant_to_the_batch_split(recon_case):
@@ -317,3 +341,61 @@ def test_sparsity_stats_on_kl_fit(small_X):
         "kurtosis",
         "max_activation",
     }
+
+
+def test_unit_with_huge_negative_bias_is_reported_dead(small_X):
+    rho = 0.05
+    sae = SparseAutoencoder(n_components=4, rho=rho, max_iter=2, device="cpu").fit(small_X)
+    before = sparsity_stats(sae, small_X)
+    assert before.firing_rate[0] > 0  # a sigmoid unit near its initial weights fires
+    sae.intercept_hidden_ = sae.intercept_hidden_.copy()
+    sae.intercept_hidden_[0] = -1e4  # sigmoid(W1 x - 1e4) = 0 for every input here
+    s = sparsity_stats(sae, small_X)
+    assert s.dead_units == before.dead_units + 1
+    assert s.firing_rate[0] == 0.0 and s.max_activation[0] == 0.0 and s.rho_hat[0] == 0.0
+    assert s.kl_per_unit[0] == pytest.approx(kl_bernoulli(rho, np.array([0.0]))[0], rel=1e-12)
+    assert s.metrics()["dead_units"] == s.dead_units
+    np.testing.assert_array_equal(s.rho_hat[1:], before.rho_hat[1:])  # the others unchanged
+
+
+# ----------------------------------------------------------------- per-unit Parquet
+def test_per_unit_parquet_round_trip_and_identical_bytes(tmp_path):
+    import pyarrow.parquet as pq
+
+    s = stats_of(np.column_stack([HAND_A, np.zeros(3)]), rho=0.1)
+    path = tmp_path / "metrics" / "per_unit.parquet"
+    write_per_unit(path, s)
+    first = path.read_bytes()
+    write_per_unit(tmp_path / "again.parquet", s)
+    assert (tmp_path / "again.parquet").read_bytes() == first
+    assert [p.name for p in path.parent.iterdir()] == ["per_unit.parquet"]  # no temp left
+
+    columns, meta = read_per_unit(path)
+    assert list(columns) == list(PER_UNIT_COLUMNS)
+    for name, expected in s.per_unit().items():
+        np.testing.assert_array_equal(columns[name], expected)
+    assert columns["unit"].dtype == np.int64 and columns["rho_hat"].dtype == np.float64
+    assert meta == {"format_version": 1, "rho": 0.1, "fire_threshold": 1e-3, "n_examples": 3}
+    schema_meta = pq.read_schema(path).metadata
+    assert set(schema_meta) == {b"saeflow"}  # no pandas metadata
+
+
+def test_per_unit_parquet_without_rho_and_bad_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    s = stats_of(HAND_A)
+    write_per_unit(tmp_path / "u.parquet", s)
+    columns, meta = read_per_unit(tmp_path / "u.parquet")
+    assert np.isnan(columns["kl"]).all() and meta["rho"] is None
+    with pytest.raises(ValueError, match="stats must be a SparsityStats; got dict"):
+        write_per_unit(tmp_path / "bad.parquet", s.per_unit())
+    assert not (tmp_path / "bad.parquet").exists()
+    with pytest.raises(ValueError, match=r"missing\.parquet: file not found"):
+        read_per_unit(tmp_path / "missing.parquet")
+    pq.write_table(pa.table({"unit": [0, 1]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match=r"other\.parquet: not a saeflow per-unit table"):
+        read_per_unit(tmp_path / "other.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"junk\.parquet: cannot read Parquet"):
+        read_per_unit(tmp_path / "junk.parquet")
