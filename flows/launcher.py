@@ -41,6 +41,15 @@ Environment:
 
 If the server cannot be used (no Unix sockets, the directory cannot be made, the server
 dies while starting) the command runs in-process after a one-line notice on stderr.
+
+Protocol (one connection per command, length-prefixed JSON, see ``send_msg``): the client
+sends ``{"op": "run", ...}`` with its fds 0-2; the child sends ``{"pid": N}`` once it leads
+its own process group, and ``{"child_exit": N}`` just before it exits; the server sends
+``{"exit": N}`` (negative: killed by signal -N) once it has reaped the child. The child
+keeps its own copy of the connection, so a client whose server dies (killed, OOM) still
+waits for the command and gets its status from the child. The client's SIGINT, SIGTERM and
+SIGHUP forwarding is in place before the request goes out; signals that come before the
+pid is known are held and passed on with it.
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ DEFAULT_ENTRY = "flows.cli:main"
 DEFAULT_IDLE_TIMEOUT = 900.0
 DEFAULT_START_TIMEOUT = 90.0
 PACKAGES = ("flows", "sae_core")
-PROTOCOL = 1
+PROTOCOL = 2
 
 ENV_DISABLE = "SAEFLOW_STAGE_SERVER"
 ENV_RUNTIME_DIR = "SAEFLOW_RUNTIME_DIR"
@@ -251,35 +260,49 @@ def send_msg(sock: socket.socket, obj: Any, fds: list[int] | tuple[int, ...] = (
 
 
 def recv_msg(sock: socket.socket, maxfds: int = 0) -> tuple[Any, list[int]] | None:
-    """The next message and the fds that came with it; None at end of stream."""
+    """The next message and the fds that came with it; None at end of stream.
+
+    Reads exactly one message, never beyond it: the server sends several on one connection
+    (the child's pid, later its exit status), and when they arrive together the bytes of
+    the next one must stay in the socket for the next call."""
     fds: list[int] = []
-    buf = b""
     try:
-        while len(buf) < _HEADER.size:
-            if maxfds and not fds and not buf:
-                chunk, got, flags, _ = socket.recv_fds(sock, 65536, maxfds)
-                fds.extend(got)
-                if flags & getattr(socket, "MSG_CTRUNC", 0):
-                    raise OSError("file descriptors were truncated")
-            else:
-                chunk = sock.recv(65536)
-            if not chunk:
+        if maxfds:  # the fds ride on the message's first byte
+            head, got, flags, _ = socket.recv_fds(sock, _HEADER.size, maxfds)
+            fds.extend(got)
+            if flags & getattr(socket, "MSG_CTRUNC", 0):
+                raise OSError("file descriptors were truncated")
+            if not head:
                 _close_fds(fds)
                 return None
-            buf += chunk
-        (size,) = _HEADER.unpack_from(buf)
+            head = _recv_exact(sock, _HEADER.size - len(head), head)
+        else:
+            head = _recv_exact(sock, _HEADER.size)
+        if head is None:
+            _close_fds(fds)
+            return None
+        (size,) = _HEADER.unpack(head)
         if size > _MAX_MESSAGE:
             raise OSError(f"message of {size} bytes is too large")
-        while len(buf) < _HEADER.size + size:
-            chunk = sock.recv(max(65536, _HEADER.size + size - len(buf)))
-            if not chunk:
-                _close_fds(fds)
-                return None
-            buf += chunk
-        return json.loads(buf[_HEADER.size:_HEADER.size + size]), fds
+        body = _recv_exact(sock, size)
+        if body is None:
+            _close_fds(fds)
+            return None
+        return json.loads(body), fds
     except BaseException:
         _close_fds(fds)
         raise
+
+
+def _recv_exact(sock: socket.socket, size: int, buf: bytes = b"") -> bytes | None:
+    """``buf`` plus exactly ``size`` more bytes; None at end of stream (also midway)."""
+    want = len(buf) + size
+    while len(buf) < want:
+        chunk = sock.recv(min(want - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -350,23 +373,93 @@ def run_in_server(argv: list[str]) -> int:
     """Run ``saeflow ARGV`` in the stage server (starting it if needed) with this process's
     stdin/stdout/stderr, working directory and environment; return its exit status
     (128 + N when signal N ended it). SIGINT, SIGTERM and SIGHUP sent to this process are
-    passed on. Falls back to running in-process; see the module documentation."""
+    passed on, also those that arrive before the child exists (they are held until its pid
+    is known). Falls back to running in-process; see the module documentation."""
     argv = [str(a) for a in argv]
     if (not use_server() or not hasattr(socket, "AF_UNIX") or not hasattr(socket, "send_fds")
             or not hasattr(os, "fork")):
         return run_local(argv)
+    forwarder = _Forwarder()
+    forwarder.install()  # before the request goes out: no window where a signal kills us
     try:
-        sock, pid = _submit(argv)
-    except (_Fallback, OSError) as exc:
-        detail = " ".join(str(exc).split())
-        print(f"saeflow: the stage server is unavailable ({detail}); running in-process",
-              file=sys.stderr, flush=True)
-        return run_local(argv)
-    return _wait(sock, pid)
+        try:
+            sock, first = _submit(argv)
+        except (_Fallback, OSError) as exc:
+            forwarder.restore(reraise=True)  # a held signal was meant for this process
+            detail = " ".join(str(exc).split())
+            print(f"saeflow: the stage server is unavailable ({detail}); running in-process",
+                  file=sys.stderr, flush=True)
+            return run_local(argv)
+        try:
+            return _wait(sock, first, forwarder)
+        finally:
+            sock.close()
+    finally:
+        forwarder.restore()
 
 
-def _submit(argv: list[str]) -> tuple[socket.socket, int]:
-    """Send the request; return the connection and the child's pid once it runs."""
+class _Forwarder:
+    """Passes SIGINT, SIGTERM and SIGHUP on to the child's process group. Installed before
+    the request is sent; a signal that comes before the child's pid is known is held and
+    passed on as soon as it is (the child then ends as if it had got it itself)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.held: list[int] = []
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.previous[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.pid is None:
+            self.held.append(signum)
+        else:
+            _signal_child(self.pid, signum)
+
+    def set_pid(self, pid: int) -> None:
+        self.pid = pid
+        while self.held:
+            _signal_child(pid, self.held.pop(0))
+
+    def restore(self, reraise: bool = False) -> None:
+        """Put the previous handlers back; with ``reraise``, deliver the held signals to
+        this process (nothing was started that could take them)."""
+        import signal
+
+        previous, self.previous = self.previous, {}
+        for sig, handler in previous.items():
+            # None: a handler not set from Python; the default is the nearest we can do
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        held, self.held = self.held, []
+        if reraise:
+            for sig in dict.fromkeys(held):
+                signal.raise_signal(sig)
+
+
+def _signal_child(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except OSError:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
+def _submit(argv: list[str]) -> tuple[socket.socket, dict]:
+    """Send the request; return the connection and the first reply: ``{"pid": N}`` once
+    the child runs (or ``{"exit": N}`` when it ended before it could say so)."""
     try:
         key = compute_key()
         paths = ServerPaths(runtime_dir(), key)
@@ -383,10 +476,11 @@ def _submit(argv: list[str]) -> tuple[socket.socket, int]:
             sock.close()
             continue
         msg = reply[0]
-        if "pid" in msg:
-            return sock, int(msg["pid"])
+        if isinstance(msg, dict) and ("pid" in msg or "exit" in msg):
+            return sock, msg
         sock.close()
-        raise _Fallback(str(msg.get("error", "unexpected reply")))
+        raise _Fallback(str(msg.get("error", "unexpected reply") if isinstance(msg, dict)
+                            else "unexpected reply"))
     raise _Fallback("the server kept closing the connection")
 
 
@@ -495,6 +589,7 @@ def _spawn(paths: ServerPaths, deadline: float) -> None:
         _close_fds([write_end, log])
     buf = b""
     server_pid = None
+    server_fd = None  # its pidfd, to see it gone
     try:
         while b"ready\n" not in buf:
             remaining = deadline - time.monotonic()
@@ -506,14 +601,24 @@ def _spawn(paths: ServerPaths, deadline: float) -> None:
                 continue
             chunk = os.read(read_end, 4096)
             if not chunk:
+                # the pipe closes a moment before the process is gone: wait for that, so
+                # that no half-exited server outlives this call
+                if server_fd is not None:
+                    select.select([server_fd], [], [], max(0.0, deadline - time.monotonic()))
+                elif server_pid is not None:
+                    while _alive(server_pid) and time.monotonic() < deadline:
+                        time.sleep(0.01)
                 tail = _log_tail(paths.log)
                 raise _Fallback("the server exited while starting"
                                 + (f": {tail}" if tail else "") + f" (log: {paths.log})")
             buf += chunk
             if server_pid is None and buf.startswith(b"pid ") and b"\n" in buf:
                 server_pid = int(buf[4:buf.index(b"\n")])
+                server_fd = _pidfd(server_pid)  # it cannot exit unseen: it holds the pipe
     finally:
         os.close(read_end)
+        if server_fd is not None:
+            os.close(server_fd)
         try:  # the launcher process forks the server off and exits at once
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -543,41 +648,69 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _wait(sock: socket.socket, pid: int) -> int:
-    """Pass signals on to the child (its process group) until its exit status arrives."""
-    import signal
-    import threading
+def _exit_status(code: int) -> int:
+    """A wait status as the server reports it (negative: killed by that signal) -> the
+    shell's exit status."""
+    return 128 - code if code < 0 else code
 
-    def forward(signum, frame):
-        try:
-            os.killpg(pid, signum)
-        except OSError:
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            previous[sig] = signal.signal(sig, forward)
+def _wait(sock: socket.socket, first: dict, forwarder: _Forwarder) -> int:
+    """Until the child's exit status arrives. The server sends it once it has reaped the
+    child; the child itself sends its pid first and, just before it exits, its own status
+    (``child_exit``). The child holds its end of the connection too, so if the server dies
+    the connection still ends only when the child does, with the child's own status."""
+    msg: Any = first
+    pid: int | None = None
+    pidfd: int | None = None  # opened while the child surely exists: immune to pid reuse
+    child_code: int | None = None
     try:
-        try:
-            reply = recv_msg(sock)
-        except OSError:
-            reply = None
-        if reply is None or "exit" not in reply[0]:
-            print(f"saeflow: lost the stage server while pid {pid} ran; waiting for it",
-                  file=sys.stderr, flush=True)
-            while _alive(pid):
-                time.sleep(0.1)
-            return 1
-        code = int(reply[0]["exit"])
-        return 128 - code if code < 0 else code
+        while True:
+            if isinstance(msg, dict):
+                if "pid" in msg and pid is None:
+                    pid = int(msg["pid"])
+                    pidfd = _pidfd(pid)
+                    forwarder.set_pid(pid)
+                if "exit" in msg:
+                    return _exit_status(int(msg["exit"]))
+                if "child_exit" in msg:
+                    child_code = int(msg["child_exit"])
+            try:
+                reply = recv_msg(sock)
+            except OSError:
+                reply = None
+            if reply is None:
+                break
+            msg = reply[0]
+        if pid is not None:  # the server is gone: wait for the command itself to end
+            _wait_gone(pid, pidfd)
+        if child_code is not None:
+            print(f"saeflow: lost the stage server while pid {pid} ran; it ended with "
+                  f"status {_exit_status(child_code)}", file=sys.stderr, flush=True)
+            return _exit_status(child_code)
+        print(f"saeflow: lost the stage server while pid {pid} ran; its exit status is "
+              f"unknown", file=sys.stderr, flush=True)
+        return 1
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        sock.close()
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _wait_gone(pid: int, pidfd: int | None) -> None:
+    """Until process ``pid`` (not a child of this process, so no waitpid) has ended."""
+    import select
+
+    if pidfd is not None:
+        select.select([pidfd], [], [])  # readable once the process has exited
+        return
+    while _alive(pid):
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------- status and stopping

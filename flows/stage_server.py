@@ -19,14 +19,19 @@ Started by ``flows.launcher`` (never by hand) as
    tell "no server" from "starting", and sees the server die through the ready pipe);
 6. writes ``ready`` on the pipe and serves: per request it checks that the peer is the
    same user (SO_PEERCRED), forks a child that takes the client's fds 0-2, cwd, env,
-   umask and argv, runs the entry point and exits with its status; the parent sends the
-   child's pid, later its exit status (negative: killed by that signal).
+   umask and argv, runs the entry point and exits with its status. The child sends the
+   client its pid (once it leads its own process group) and, just before it exits, its
+   own status; the parent sends the exit status once it has reaped the child (negative:
+   killed by that signal). Signals are blocked across ``fork`` until the child has reset
+   the server's handlers, so that a signal the client passes on at once is not lost.
 
 One thread, one ``selectors`` loop: the server never forks while another thread could
 hold a lock. It stops when idle for ``--idle-timeout`` seconds with no child running, on
 SIGTERM or a ``stop`` request (after its children end), or when its Prefect server dies;
-it then removes its socket and info file and stops the Prefect server. A client that
-disappears (its connection closes) gets its child's process group SIGTERMed.
+it then removes its socket and info file and stops the Prefect server. Stopping never
+drops a running command: the server takes no new connections (and serves those already
+queued), then keeps running until every child has ended and its status has been sent. A
+client that disappears (its connection closes) gets its child's process group SIGTERMed.
 """
 
 from __future__ import annotations
@@ -324,7 +329,7 @@ class StageServer:
                         while os.read(r, 512):
                             pass
                 else:
-                    self._client_gone(key.data)
+                    self._client_gone(key.data, key.fileobj)
         _log(f"stopping ({self.stopping}); served {self.served} command(s)")
 
     def _on_signal(self, signum, frame) -> None:
@@ -401,6 +406,7 @@ class StageServer:
         conn.close()
 
     def _status(self) -> dict:
+        self._reap()  # a child that ended a moment ago is no longer "running"
         return {"pid": os.getpid(), "key": self.args.key, "started": self.started,
                 "running": len(self.children), "served": self.served,
                 "idle_s": round(time.monotonic() - self.last_activity, 1),
@@ -409,9 +415,14 @@ class StageServer:
     def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # Signals stay blocked across fork until the child has put the default handlers
+        # back: a SIGTERM the client passes on at once must not run this server's
+        # handlers in the child (and be lost there); it waits, then acts as usual.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             launcher._close_fds(fds)
             with contextlib.suppress(OSError):
                 launcher.send_msg(conn, {"error": f"fork failed: {exc}"})
@@ -420,23 +431,23 @@ class StageServer:
         if pid == 0:  # the child: never returns
             code = 70
             try:
-                code = self._child(conn, request, fds)
+                code = self._child(conn, request, fds, mask)
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         launcher._close_fds(fds)
-        with contextlib.suppress(OSError):  # before the client can signal the group
+        with contextlib.suppress(OSError):  # the child does it too; whoever comes first
             os.setpgid(pid, pid)
         self.children[pid] = conn
         self.served += 1
-        try:
-            launcher.send_msg(conn, {"pid": pid})
-            self.selector.register(conn, selectors.EVENT_READ, pid)
-        except OSError:
-            self._client_gone(pid)
+        # the child sends its pid itself; this end only listens for the client leaving
+        self.selector.register(conn, selectors.EVENT_READ, pid)
 
-    def _client_gone(self, pid: int) -> None:
+    def _client_gone(self, pid: int, conn: object = None) -> None:
         """The client closed its connection before its child ended: stop the child."""
-        conn = self.children.get(pid)
+        if pid not in self.children or (conn is not None and self.children[pid] is not conn):
+            return  # reaped already (a stale event): the pid may belong to someone else
+        conn = self.children[pid]
         if conn is not None:
             with contextlib.suppress(Exception):
                 self.selector.unregister(conn)
@@ -466,9 +477,17 @@ class StageServer:
 
     # ---------------------------------------------------------------------- child
 
-    def _child(self, conn: socket.socket, request: dict, fds: list[int]) -> int:
-        """In the forked child: become the client's process, run the entry, exit."""
+    def _child(self, conn: socket.socket, request: dict, fds: list[int],
+               mask: set) -> int:
+        """In the forked child: become the client's process, run the entry, exit.
+
+        The child keeps its copy of the connection: it sends the client its pid (once it
+        leads its own process group, so that the client can signal the group) and, just
+        before it exits, its own exit status. Should the server die meanwhile, the
+        connection ends only when the child does, and the client still learns the
+        command's status."""
         interrupted = False
+        code = 1
         try:
             with contextlib.suppress(OSError):
                 os.setpgid(0, 0)
@@ -476,10 +495,13 @@ class StageServer:
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            with contextlib.suppress(OSError):
+                launcher.send_msg(conn, {"pid": os.getpid()})
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a held signal acts now
             atexit.unregister(self.cleanup)
             self.prefect = None
             self.selector.close()
-            for s in (self.listener, conn, *self.children.values()):
+            for s in (self.listener, *self.children.values()):
                 if s is not None:
                     s.close()
             launcher._close_fds(list(self.wakeup))
@@ -512,6 +534,8 @@ class StageServer:
                 sys.excepthook(*sys.exc_info())
             code = 1
         _finish_child()
+        with contextlib.suppress(BaseException):
+            launcher.send_msg(conn, {"child_exit": -signal.SIGINT if interrupted else code})
         if interrupted:  # die of SIGINT as the interpreter does
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)

@@ -24,6 +24,21 @@ from flows import launcher
 
 CLIENT = ("import sys; from flows.launcher import run_in_server; "
           "sys.exit(run_in_server(sys.argv[1:]))")
+#: a client that gets SIGTERM after it set up its forwarding but before its request is sent
+EARLY_SIGTERM_CLIENT = (
+    "import os, signal, sys\n"
+    "from flows import launcher\n"
+    "send = launcher._send_request\n"
+    "def early(sock, argv):\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "    send(sock, argv)\n"
+    "launcher._send_request = early\n"
+    "def no_server(paths):\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "    raise launcher._Fallback('no server here')\n"
+    "if os.environ.get('SFL_NO_SERVER'):\n"
+    "    launcher._start_server = no_server\n"
+    "sys.exit(launcher.run_in_server(sys.argv[1:]))\n")
 
 ENTRY = '''
 import json, os, signal, sys, time
@@ -73,6 +88,9 @@ def main(argv):
         print(f"ready {os.getpid()}", flush=True)
         time.sleep(30)
         return 0
+    if cmd == "wait":  # runs until the file rest[0] exists, then ends with status rest[1]
+        print(f"ready {os.getpid()}", flush=True)
+        return int(rest[1]) if _wait_for(rest[0], 60.0) else 98
     if cmd == "barrier":  # only passes when the other command runs at the same time
         open(rest[0], "w").close()
         return 0 if _wait_for(rest[1]) else 1
@@ -117,8 +135,9 @@ class Env:
                               cwd=cwd or self.base, input=input, capture_output=True,
                               text=True, timeout=60)
 
-    def popen(self, *args: str, extra: dict | None = None) -> subprocess.Popen:
-        return subprocess.Popen([launcher.sys.executable, "-c", CLIENT, *args],
+    def popen(self, *args: str, extra: dict | None = None,
+              client: str = CLIENT) -> subprocess.Popen:
+        return subprocess.Popen([launcher.sys.executable, "-c", client, *args],
                                 env={**self.env, **(extra or {})}, cwd=self.base,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -374,3 +393,77 @@ def test_use_server(monkeypatch):
     monkeypatch.setenv(launcher.ENV_DISABLE, "1")
     monkeypatch.setattr(launcher, "IN_SERVER", True)  # never from inside a server
     assert not launcher.use_server()
+
+
+def test_messages_are_read_one_at_a_time():
+    """The pid and the exit status can arrive in one read: neither may be lost."""
+    import socket
+    import threading
+
+    a, b = socket.socketpair()
+    with a, b, open(os.devnull) as null:
+        launcher.send_msg(a, {"pid": 1}, [null.fileno()])
+        launcher.send_msg(a, {"exit": 3})
+
+        def rest() -> None:  # more than a socket buffer holds: from another thread
+            launcher.send_msg(a, {"big": "x" * 300_000})
+            a.shutdown(socket.SHUT_WR)
+
+        writer = threading.Thread(target=rest)
+        writer.start()
+        msg, fds = launcher.recv_msg(b, maxfds=3)
+        assert msg == {"pid": 1} and len(fds) == 1
+        os.close(fds[0])
+        assert launcher.recv_msg(b) == ({"exit": 3}, [])
+        assert launcher.recv_msg(b) == ({"big": "x" * 300_000}, [])
+        assert launcher.recv_msg(b) is None
+        writer.join()
+
+
+def test_a_signal_before_the_child_exists_is_passed_on(sfl):
+    assert sfl.run("exit", "0").returncode == 0  # warm
+    proc = sfl.popen("sleep", client=EARLY_SIGTERM_CLIENT)
+    out, err = proc.communicate(timeout=30)
+    # held until the pid came, then passed on: the child died of it (no 30 s sleep)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert launcher.server_status()[0]["running"] == 0
+
+    # nothing was started (a new key, whose server cannot start): the signal is this
+    # process's own after all, not run in-process
+    proc = sfl.popen("info", "X", client=EARLY_SIGTERM_CLIENT,
+                     extra={"SFL_NO_SERVER": "1", "SAEFLOW_TEST_FLAVOUR": "b"})
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert out == ""
+
+
+def test_a_lost_server_still_yields_the_commands_status(sfl):
+    marker = sfl.base / "go"
+    proc = sfl.popen("wait", str(marker), "5")
+    child = int(proc.stdout.readline().split()[1])
+    (info,) = sfl.infos()
+    os.kill(info["pid"], signal.SIGKILL)
+    assert _wait_until(lambda: not _alive(info["pid"]))
+    assert _alive(child)  # the command outlives its server
+    marker.touch()
+    assert proc.wait(timeout=30) == 5  # its own status, not a guess
+    assert "lost the stage server" in proc.stderr.read()
+    assert not _alive(child)
+    proc.stdout.close(), proc.stderr.close()
+
+
+def test_stopping_finishes_running_commands(sfl):
+    marker = sfl.base / "go"
+    proc = sfl.popen("wait", str(marker), "6")
+    proc.stdout.readline()
+    (info,) = sfl.infos()
+    assert launcher.stop_servers(wait=0) == 1
+    assert _wait_until(lambda: sfl.sockets() == [])  # takes no new commands ...
+    assert _alive(info["pid"])  # ... but waits for the one it runs
+    second = _info(sfl.run("info", "X"))  # a new command goes to a new server
+    assert second["ppid"] != info["pid"]
+    marker.touch()
+    assert proc.wait(timeout=30) == 6
+    assert proc.stderr.read() == ""  # the status came from the server, as usual
+    assert _wait_until(lambda: not _alive(info["pid"]))
+    proc.stdout.close(), proc.stderr.close()
