@@ -177,7 +177,9 @@ class LBFGS:
         Sg, Yg = st.proj[slots], st.proj[h + slots]
         R = np.triu(st.SY)
         w2, _ = dtrtrs(R, Sg, lower=0)
-        rhs = st.SY.diagonal() * w2 + gamma * (st.YY @ w2) - gamma * Yg
+        # einsum, not YY @ w2: OpenBLAS runs a gemv this size on all its threads, whose
+        # spinning afterwards takes the cores from the objective's workers
+        rhs = st.SY.diagonal() * w2 + gamma * np.einsum("ij,j->i", st.YY, w2) - gamma * Yg
         w1, _ = dtrtrs(R, rhs, lower=0, trans=1)
         coef = np.zeros(2 * h)  # per slot; empty slots get 0
         coef[slots] = w1

@@ -13,8 +13,12 @@ Two implementations with one interface, ``objective(theta, X) -> Evaluation``:
 from __future__ import annotations
 
 import itertools
+import math
+import threading
+import weakref
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from sae_core import model as M
@@ -115,6 +119,61 @@ class AutogradObjective:
         return Evaluation(terms.total.detach(), th.grad, stacked, fired)
 
 
+class _Worker:
+    """One persistent thread that runs the calls handed to it, one at a time, with
+    single-threaded BLAS. Two bare locks hand a call over and its result back: a round
+    trip costs about half of a ThreadPoolExecutor submit/result (future, queue and
+    condition variable), and the objective makes two per evaluation."""
+
+    def __init__(self) -> None:
+        self._go = threading.Lock()
+        self._go.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._call = None
+        self._result: tuple[bool, object] = (True, None)
+        self._thread = threading.Thread(target=self._loop, name="saeflow-objective",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        torch.set_num_threads(1)
+        while True:
+            self._go.acquire()
+            call = self._call
+            if call is None:
+                return
+            try:
+                self._result = (True, call())
+            except BaseException as exc:  # handed back to the caller by result()
+                self._result = (False, exc)
+            call = self._call = None  # hold no buffers between calls
+            self._done.release()
+
+    def submit(self, call) -> None:
+        self._call = call
+        self._go.release()
+
+    def result(self):
+        self._done.acquire()
+        ok, value = self._result
+        self._result = (True, None)
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._call = None
+        self._go.release()
+        self._thread.join()
+
+
+def _close_workers(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.close()
+    workers.clear()
+
+
 class _Shard:
     """Buffers for the examples of one column range of the augmented data [X^T; 1]."""
 
@@ -129,12 +188,18 @@ class _Shard:
         self.D[n1 - 1] = 1.0
         self.H = Xa.new_empty(n1 - 1, m)
         self.E = Xa.new_empty(s, m)
+        self.G1 = Xa.new_empty(s, n1)  # [delta2 X | sum delta2]
+        self.G2T = Xa.new_empty(s + 1, n1 - 1)  # [A; 1] delta3^T = G2^T
 
     def hidden(self, W1a: torch.Tensor) -> torch.Tensor:
-        """A = sigmoid(W1 X^T + b1) into the buffer; returns sum_i a_i in float64 (s,)."""
+        """A = sigmoid(W1 X^T + b1) into the buffer; returns sum_i a_i (s,) in A's dtype.
+
+        torch sums a row pairwise (relative error ~1e-7 in float32, far below what the
+        KL term or its gradient can notice) and 5x faster than when it widens every
+        value to float64; the block sums are then added in float64."""
         s = self.E.shape[0]
         A = torch.mm(W1a, self.Xa, out=self.A[:s]).sigmoid_()
-        return A.sum(dim=1, dtype=torch.float64)
+        return A.sum(dim=1)
 
     def backward(
         self, W2a: torch.Tensor, W2Ta: torch.Tensor
@@ -155,10 +220,10 @@ class _Shard:
         _sigmoid_backward(D, H, out=D)  # delta3 = D * H * (1 - H), one pass
         # G2 = D A^T, computed as (A D^T)^T: MKL runs the (s+1) x m by m x n product
         # ~1.5x faster than the n x m by m x (s+1) one
-        G2 = torch.mm(self.A, D.t()).t()
+        G2 = torch.mm(self.A, D.t(), out=self.G2T).t()
         E = torch.mm(W2Ta, self.D, out=self.E)
         _sigmoid_backward(E, self.A[:s], out=E)  # delta2 = E * A * (1 - A)
-        G1 = torch.mm(E, self.Xa.t())
+        G1 = torch.mm(E, self.Xa.t(), out=self.G1)
         return sq, G1, G2
 
 
@@ -187,7 +252,8 @@ class FusedKLObjective:
     (inner dimension 26 or 65) scale poorly inside one BLAS call, and independent blocks
     keep every core busy through the elementwise passes too. Block results are summed
     in block order, so the bytes out do not depend on the number of threads or cores.
-    Scalars (loss terms, rho_hat) are accumulated in float64 whatever the dtype.
+    Scalars (the loss terms; rho_hat across blocks) are accumulated in float64
+    whatever the dtype.
     """
 
     BLOCK_COLUMNS = 5000
@@ -200,20 +266,21 @@ class FusedKLObjective:
         self._source: torch.Tensor | None = None
         self._source_version = -1
         self._parts: list[_Shard] = []
-        self._pool = None
+        self._pool: list[_Worker] = []
+        self._finalizer: weakref.finalize | None = None
         self._lanes = 1
+        self._weight_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __getstate__(self) -> dict:
         # never pickle the cached data copy, its buffers or the thread pool
         return {"config": self.config, "workers": self.workers, "_source": None,
-                "_source_version": -1, "_parts": [], "_pool": None, "_lanes": 1}
+                "_source_version": -1, "_parts": [], "_pool": [], "_finalizer": None,
+                "_lanes": 1, "_weight_buffers": None}
 
     def close(self) -> None:
         """Release the buffers and the worker threads."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        self._pool = None
-        self._parts, self._source = [], None
+        _close_workers(self._pool)
+        self._parts, self._source, self._weight_buffers = [], None, None
 
     def _prepare(self, X: torch.Tensor) -> None:
         if X is self._source and X._version == self._source_version:
@@ -230,26 +297,35 @@ class FusedKLObjective:
         self._parts, self._source, self._source_version = parts, X, X._version
         n_threads = min(self.workers, k)
         self._lanes = n_threads
-        if n_threads > 1 and self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(
-                n_threads - 1, initializer=torch.set_num_threads, initargs=(1,)
-            )
+        if n_threads > 1 and self._finalizer is None:
+            # stop the threads when the objective is collected without close()
+            self._finalizer = weakref.finalize(self, _close_workers, self._pool)
+        while len(self._pool) < n_threads - 1:
+            self._pool.append(_Worker())
 
     def _map(self, fn, *args) -> list:
         """fn(block, *args) for every block, in block order: blocks are dealt round-robin
-        to this thread and the pool's, each thread running its blocks in order."""
+        to this thread and the workers, each thread running its blocks in order."""
         parts = self._parts
-        if self._pool is None or len(parts) == 1:
-            return [fn(part, *args) for part in parts]
         n = self._lanes
+        if n == 1:
+            return [fn(part, *args) for part in parts]
 
         def run(lane: int) -> list:
             return [fn(part, *args) for part in parts[lane::n]]
 
-        futures = [self._pool.submit(run, lane) for lane in range(1, n)]
-        lanes = [run(0)] + [f.result() for f in futures]
+        workers = self._pool[: n - 1]
+        for lane, worker in enumerate(workers, start=1):
+            worker.submit(lambda lane=lane: run(lane))
+        lanes, errors = [], []
+        # collect every worker's result before raising, so that none is left mid-call
+        for call in [lambda: run(0)] + [w.result for w in workers]:
+            try:
+                lanes.append(call())
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
         out = [None] * len(parts)
         for lane, results in enumerate(lanes):
             out[lane::n] = results
@@ -258,15 +334,92 @@ class FusedKLObjective:
     def __call__(
         self, theta: torch.Tensor, X: torch.Tensor, dead: torch.Tensor | None = None
     ) -> Evaluation:
+        self._prepare(X)
+        if X.device.type == "cpu":
+            return self._evaluate_host(theta.detach(), X.shape[0])
+        return self._evaluate_device(theta, X)
+
+    def _evaluate_host(self, theta: torch.Tensor, m: int) -> Evaluation:
+        """The CPU evaluation: the block products in torch, everything else (bias
+        columns, rho_hat, the sparsity column, the scalar terms, the gradient assembly)
+        in numpy on views of the same memory. These are ~40 operations on arrays of at
+        most a few thousand values: numpy runs each in ~1 us where a torch call costs
+        ~5-10 us, which adds up to a sixth of an evaluation at the exercise's size."""
+        cfg = self.config
+        s, n = cfg.n_components, self._parts[0].H.shape[0]
+        rho, beta, lam = cfg.rho, cfg.beta, cfg.weight_decay
+        sn = s * n
+        t = theta.numpy()
+        W1, W2 = t[:sn].reshape(s, n), t[sn : 2 * sn].reshape(n, s)
+        b1, b2 = t[2 * sn : 2 * sn + s], t[2 * sn + s :]
+        W1a, W2a, W2Ta = self._weights(theta.dtype, s, n)
+        w1a, w2a, w2ta = W1a.numpy(), W2a.numpy(), W2Ta.numpy()
+        w1a[:, :n] = W1
+        w1a[:, n] = b1
+        w2a[:, :s] = W2
+        w2a[:, s] = b2
+        w2ta[:, :n] = W2.T
+
+        sums = [a.numpy() for a in self._map(_Shard.hidden, W1a)]
+        rho_hat = sums[0].astype(np.float64)
+        for a in sums[1:]:
+            rho_hat += a
+        rho_hat /= m
+        w2ta[:, n] = beta * (-rho / rho_hat + (1.0 - rho) / (1.0 - rho_hat))
+        results = self._map(_Shard.backward, W2a, W2Ta)
+
+        sq = math.fsum(float(r[0]) for r in results)
+        G1 = results[0][1].numpy().copy()
+        G2T = results[0][2].t().numpy().copy()  # (s + 1, n)
+        for r in results[1:]:
+            G1 += r[1].numpy()
+            G2T += r[2].t().numpy()
+
+        grad = torch.empty_like(theta)
+        g = grad.numpy()
+        inv_m = 1.0 / m
+        gW1 = g[:sn].reshape(s, n)
+        np.multiply(G1[:, :n], inv_m, out=gW1)
+        gW1 += lam * W1
+        gW2 = g[sn : 2 * sn].reshape(n, s)
+        np.multiply(G2T[:s].T, inv_m, out=gW2)
+        gW2 += lam * W2
+        np.multiply(G1[:, n], inv_m, out=g[2 * sn : 2 * sn + s])
+        np.multiply(G2T[s], inv_m, out=g[2 * sn + s :])
+
+        recon = 0.5 * sq / m
+        weights = t[: 2 * sn].astype(np.float64)  # W1 and W2 are adjacent in theta
+        decay = 0.5 * lam * float(np.einsum("i,i->", weights, weights))  # no BLAS threads
+        kl = rho * np.log(rho / rho_hat) + (1.0 - rho) * np.log((1.0 - rho) / (1.0 - rho_hat))
+        sparsity = beta * float(kl.sum())
+        loss = recon + decay + sparsity
+        terms = torch.tensor([recon, decay, sparsity, 0.0], dtype=torch.float64)
+        return Evaluation(torch.tensor(loss, dtype=torch.float64), grad, terms, None)
+
+    def _weights(
+        self, dtype: torch.dtype, s: int, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The augmented weight matrices [W1 | b1], [W2 | b2], [W2^T | sparsity term],
+        allocated once per dtype and shape and filled on every evaluation."""
+        w = self._weight_buffers
+        if w is None or w[0].dtype != dtype or w[0].shape != (s, n + 1):
+            w = self._weight_buffers = (
+                torch.empty(s, n + 1, dtype=dtype),
+                torch.empty(n, s + 1, dtype=dtype),
+                torch.empty(s, n + 1, dtype=dtype),
+            )
+        return w
+
+    def _evaluate_device(self, theta: torch.Tensor, X: torch.Tensor) -> Evaluation:
+        """The same evaluation in torch ops on X's device (one block on a GPU)."""
         cfg = self.config
         m, n = X.shape
         s = cfg.n_components
         rho, beta, lam = cfg.rho, cfg.beta, cfg.weight_decay
-        self._prepare(X)
         p = M.unpack(theta, n, s)
 
         W1a = torch.cat([p.W1, p.b1[:, None]], dim=1)
-        rho_hat = sum(self._map(_Shard.hidden, W1a)) / m
+        rho_hat = sum(a.double() for a in self._map(_Shard.hidden, W1a)) / m
         sparse_grad = (beta * (-rho / rho_hat + (1.0 - rho) / (1.0 - rho_hat))).to(X.dtype)
         W2a = torch.cat([p.W2, p.b2[:, None]], dim=1)
         W2Ta = torch.cat([p.W2.t(), sparse_grad[:, None]], dim=1)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 from sae_core import io
 from sae_core.config import SAEConfig
@@ -206,11 +205,12 @@ class Trainer:
 
         if blocked:
             torch.set_num_threads(1)
+        # The solver's k x k algebra and the objective's scalar terms run in numpy
+        # without calling a multi-threaded BLAS routine (see sae_core.lbfgs), so
+        # OpenBLAS's spinning workers never wake to fight torch's for the cores; no
+        # threadpoolctl limit is needed, whose library scan costs 20-40 ms per fit.
         try:
-            # the solver's small k x k algebra runs in numpy: keep its BLAS on this
-            # thread, or OpenBLAS's spinning workers fight torch's for the cores
-            with threadpool_limits(limits=1, user_api="blas"):
-                self._run_lbfgs(evaluate)
+            self._run_lbfgs(evaluate)
         finally:
             if blocked:
                 torch.set_num_threads(threads)

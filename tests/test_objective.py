@@ -196,3 +196,27 @@ def test_fused_blocks_give_the_same_bytes_for_any_thread_count():
     # and the blocked evaluation is the same objective as the unblocked autograd one
     ref = AutogradObjective(cfg)(theta, X)
     assert float(evs[0].loss) == pytest.approx(float(ref.loss), rel=1e-6)
+
+
+def test_fused_worker_threads_hand_back_errors_and_stop_on_close():
+    from sae_core.objective import _Worker
+
+    worker = _Worker()
+    worker.submit(lambda: 41 + 1)
+    assert worker.result() == 42
+    worker.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        worker.result()
+    worker.submit(lambda: "still alive")
+    assert worker.result() == "still alive"
+    worker.close()
+    assert not worker._thread.is_alive()
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(10_000, 8, generator=gen) * 0.8 + 0.1
+    obj = FusedKLObjective(SAEConfig(n_components=3), workers=2)
+    obj(M.init_theta(8, 3, seed=0), X)
+    threads = [w._thread for w in obj._pool]
+    assert len(threads) == 1 and threads[0].is_alive()
+    obj.close()
+    assert not any(t.is_alive() for t in threads)
