@@ -11,12 +11,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
+# the whole pipeline (dvc.yaml) on the built-in data, then where everything is
 demo: $(STAMP)
-	$(VENV)/bin/saeflow ingest --out outputs/data/images.parquet \
-		--manifest outputs/data/manifest.json
-	$(VENV)/bin/saeflow patches --dataset outputs/data/images.parquet \
-		--out outputs/data/patches.arrow --transform outputs/data/transform.safetensors
-	$(VENV)/bin/saeflow exercise --store outputs/data/patches.arrow --out outputs/exercise
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	$(VENV)/bin/saeflow summary
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -28,6 +26,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ufldl_natural.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/overhead.py
 
 clean:
+	-$(VENV)/bin/saeflow server stop
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -90,41 +90,153 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     """params.yaml's ingest.sources -> one Parquet dataset and its JSON manifest."""
-    from flows.params import load_params, section
-    from sae_core.dataset import write_dataset
-    from sae_core.sources import ingest
+    from flows.ingest import ingest
 
-    cfg = section(load_params(args.params), "ingest", args.params)
-    unknown = sorted(set(cfg) - {"sources"})
-    if unknown:
-        raise ValueError(f"{args.params}: unknown key(s) in ingest: {', '.join(unknown)}")
-    root = Path(args.params).resolve().parent
-    # everything is read and checked before anything is written
-    images = ingest(cfg.get("sources") or [], root=root, data_dir=root / args.data_dir)
-    manifest = write_dataset(args.out, args.manifest, images)
-    shapes = ", ".join(f"{k} x{v}" for k, v in sorted(manifest.get("shapes", {}).items()))
-    print(f"ingested {len(images)} images ({shapes}) -> {args.out}")
-    if images.skipped:
-        print(f"skipped {len(images.skipped)} non-image file(s); listed in {args.manifest}")
+    ingest(images=args.out, images_manifest=args.manifest, params_file=args.params,
+           data_dir=args.data_dir)
     return 0
 
 
 def _cmd_patches(args: argparse.Namespace) -> int:
     """A dataset + params.yaml's patches section -> the patch store and the fitted transform."""
-    from flows.params import load_params, section
-    from sae_core.dataset import read_dataset
-    from sae_core.io import sha256_file
-    from sae_core.patch_store import write_patch_store
-    from sae_core.patches import PatchConfig, make_patches
+    from flows.patches import patches
 
-    config = PatchConfig.from_dict(section(load_params(args.params), "patches", args.params))
-    images = read_dataset(args.dataset)
-    # compute everything first: a bad setting or image writes nothing
-    train, heldout, transform = make_patches(images.images, config)
-    write_patch_store(args.out, train, heldout, config.to_dict(), sha256_file(args.dataset))
-    transform.save(args.transform)
-    print(f"{train.shape[0]} training and {heldout.shape[0]} held-out patches of "
-          f"{train.shape[1]} values -> {args.out}; transform -> {args.transform}")
+    patches(images=args.dataset, patches=args.out, transform=args.transform,
+            params_file=args.params)
+    return 0
+
+
+_DEBUG = False
+
+
+def _prefect_environment() -> None:
+    """Defaults for Prefect in this process (before it is imported): no telemetry (offline
+    machines otherwise log failures and can leave its SQLite file locked)."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the stages print their own one-line summaries; Prefect's per-run INFO lines are noise
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+class _NoFlowRunTracebacks:
+    """Console log filter: a flow run's own error report (a traceback) is dropped, since
+    the command reports the error in one line (the Prefect API still gets the record)."""
+
+    def filter(self, record) -> bool:
+        return not (record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+                    and record.levelno >= 40)
+
+
+def _run_flow(fn, **kwargs):
+    """Call a Prefect flow with flow-run heartbeats off: they exist to spot crashed
+    long-running deployments, and joining their thread costs ~1 s per flow run."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    quiet = _NoFlowRunTracebacks()
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    if not _DEBUG:
+        for h in handlers:
+            h.addFilter(quiet)
+    try:
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            return fn(**kwargs)
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    """One pipeline stage as its Prefect flow (what dvc.yaml calls)."""
+    from flows import launcher
+    from flows.stages import BY_NAME
+
+    if launcher.use_server():
+        return launcher.run_in_server(args.argv)
+    stage = BY_NAME[args.stage]
+    kwargs = {name: getattr(args, name) for name in stage.path_args}
+    _run_flow(stage.flow(), **kwargs, params_file=args.params)
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    """All five stages as subflows of one Prefect flow run, then ``dvc commit``."""
+    from flows import launcher
+
+    if launcher.use_server():
+        return launcher.run_in_server(args.argv)
+    from flows.pipeline import pipeline_flow
+
+    _run_flow(pipeline_flow, params_file=args.params, dvc_yaml=args.dvc_yaml,
+              record_in_dvc=not args.no_dvc_commit)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """HTML report of one pipeline run or a comparison of several (MLflow + Prefect)."""
+    from flows import launcher
+
+    if launcher.use_server():
+        return launcher.run_in_server(args.argv)
+    import os
+
+    from flows.report import report_flow
+    from flows.stage_support import tracking_settings
+
+    params = {}
+    if os.path.exists(args.params):
+        from flows.params import load_params
+
+        params = load_params(args.params)
+    experiment, _ = tracking_settings(params)
+    _run_flow(report_flow, out=args.out, run_ids=args.run, where=args.where, last=args.last,
+              experiment=experiment)
+    return 0
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    """Serve the pipeline flow on a cron schedule (Prefect); runs until interrupted."""
+    from flows.pipeline import pipeline_flow
+
+    pipeline_flow.serve(name=args.name, cron=args.cron,
+                        parameters={"params_file": args.params, "dvc_yaml": args.dvc_yaml})
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """Which sparsity settings produced which registered model versions."""
+    from flows.audit import audit_rows, format_rows, parse_filter
+
+    filters = [parse_filter(w) for w in args.where]
+    rows = audit_rows(args.model, filters, params_file=args.params)
+    sys.stdout.write(format_rows(rows, args.format))
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    """Where the pipeline's outputs are, its key numbers, and how to open the UIs."""
+    from flows.summary import summary_text
+
+    print(summary_text(args.dvc_yaml))
+    return 0
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    """Status of the stage servers (preloaded processes that run stages), or stop them."""
+    from flows import launcher
+
+    if args.action == "stop":
+        n = launcher.stop_servers()
+        print(f"stopped {n} stage server(s)")
+        return 0
+    servers = launcher.server_status()
+    if not servers:
+        print("no stage server running")
+    for s in servers:
+        print(" ".join(f"{k}={v}" for k, v in s.items()))
     return 0
 
 
@@ -167,12 +279,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_exercise)
+    from flows.stages import STAGES
+
+    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    stage_sub = p.add_subparsers(dest="stage", metavar="NAME", required=True)
+    for st in STAGES:
+        sp = stage_sub.add_parser(st.name, help=st.help)
+        sp.add_argument("--params", default="params.yaml")
+        for name in st.path_args:
+            sp.add_argument("--" + name.replace("_", "-"), dest=name,
+                            required=name not in st.optional, metavar="PATH",
+                            help=("reads" if name in st.inputs else "writes") + " this path")
+        sp.set_defaults(func=_cmd_stage, argv=None)
+
+    p = sub.add_parser("pipeline", help="run all stages as one Prefect flow, then dvc commit")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--dvc-yaml", default="dvc.yaml")
+    p.add_argument("--no-dvc-commit", action="store_true",
+                   help="do not record the outputs in dvc.lock afterwards")
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("report", help="HTML report of a run, or a comparison of several")
+    p.add_argument("--out", default="report.html", help="HTML file to write")
+    p.add_argument("--run", action="append", default=[], metavar="RUN_ID",
+                   help="an MLflow run to report (repeatable); default: the newest runs")
+    p.add_argument("--last", type=int, default=1, help="report the newest N pipeline runs")
+    p.add_argument("--where", action="append", default=[], metavar="FILTER",
+                   help="keep runs matching e.g. 'train.beta>=1' or 'score/accuracy>0.9'")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("schedule", help="serve the pipeline flow on a cron schedule (Prefect)")
+    p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1"')
+    p.add_argument("--name", default="saeflow-retrain")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--dvc-yaml", default="dvc.yaml")
+    p.set_defaults(func=_cmd_schedule)
+
+    p = sub.add_parser("audit", help="which sparsity settings produced which models (MLflow)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--where", action="append", default=[], metavar="FILTER",
+                   help="keep versions matching e.g. 'beta>=1' or 'penalty=topk' (repeatable)")
+    p.add_argument("--model", default=None,
+                   help="registered model name (default: params.yaml tracking.registered_model)")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("summary", help="where the outputs are and how to open the UIs")
+    p.add_argument("--dvc-yaml", default="dvc.yaml")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("server", help="the stage servers that keep libraries loaded")
+    p.add_argument("action", choices=("status", "stop"), nargs="?", default="status")
+    p.set_defaults(func=_cmd_server)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) in (_cmd_stage, _cmd_pipeline, _cmd_report):
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+    global _DEBUG
+    _DEBUG = bool(args.debug)
+    _prefect_environment()
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

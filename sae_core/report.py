@@ -288,8 +288,11 @@ def _comparison(runs: Sequence[RunSummary]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- public
-def render_report(runs: Sequence[RunSummary], title: str = "saeflow report") -> str:
+def render_report(runs: Sequence[RunSummary], title: str = "saeflow report",
+                  overview: Mapping[str, str | os.PathLike | bytes] | None = None) -> str:
     """The HTML page (a str) for ``runs``: one run in detail, or several compared.
+    ``overview``: pictures about all the runs together (caption -> PNG path or bytes, e.g.
+    a sweep plot), shown first.
 
     Raises a one-line ValueError for no runs, a run that is not a RunSummary, two runs
     with the same name, or a picture that cannot be read or is not a PNG.
@@ -308,6 +311,11 @@ def render_report(runs: Sequence[RunSummary], title: str = "saeflow report") -> 
             raise ValueError(f"run names must be unique; {run.name!r} appears more than once")
         seen.add(run.name)
     body = _single(runs[0]) if len(runs) == 1 else _comparison(runs)
+    if overview:
+        holder = RunSummary(name="overview", pictures=dict(overview))
+        figures = [f"<figure>{_img(_png(holder, c), c)}<figcaption>{_esc(c)}</figcaption>"
+                   "</figure>" for c in overview]
+        body = ["<h2>Overview</h2>", f'<div class="pictures">{"".join(figures)}</div>', *body]
     lines = [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -326,9 +334,10 @@ def render_report(runs: Sequence[RunSummary], title: str = "saeflow report") -> 
 
 
 def write_report(
-    path: str | os.PathLike, runs: Sequence[RunSummary], title: str = "saeflow report"
+    path: str | os.PathLike, runs: Sequence[RunSummary], title: str = "saeflow report",
+    overview: Mapping[str, str | os.PathLike | bytes] | None = None,
 ) -> None:
     """Write :func:`render_report` to ``path`` (UTF-8), atomically."""
-    text = render_report(runs, title)
+    text = render_report(runs, title, overview)
     with atomic_path(path) as tmp:
         tmp.write_bytes(text.encode("utf-8"))

@@ -1,0 +1,88 @@
+"""Stage 4, evaluate: the model + the held-out patches -> the sparsity statistics
+(``metrics/sparsity.json``, per unit as Parquet) and the pictures and plot data that show
+what the sparsity term did to the hidden units. Adds them to the pipeline's MLflow run."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows import tracking
+from flows.stage_support import (
+    compute_timer,
+    model_sha256,
+    prefect_tags,
+    read_section,
+    tracking_enabled,
+    tracking_settings,
+)
+
+KEYS = {"split", "n_reconstructions"}
+
+
+def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filters_png: str,
+             rho_hat_png: str, rho_hat_csv: str, loss_png: str, reconstructions_png: str,
+             params_file: str = "params.yaml") -> dict:
+    """Statistics on ``evaluate.split`` ('heldout', the default, or 'train') of the store."""
+    import numpy as np
+
+    from sae_core import SparseAutoencoder, plots
+    from sae_core.io import write_json
+    from sae_core.patch_store import read_patch_store
+    from sae_core.stats import sparsity_stats, write_per_unit
+
+    with compute_timer("evaluate") as timer:
+        params, cfg = read_section(params_file, "evaluate", KEYS)
+        split = cfg.get("split", "heldout")
+        n_pairs = cfg.get("n_reconstructions", 10)
+        if not isinstance(n_pairs, int) or isinstance(n_pairs, bool) or n_pairs < 0:
+            raise ValueError(f"{params_file}: evaluate.n_reconstructions must be an integer "
+                             f">= 0; got {n_pairs!r}")
+        sae = SparseAutoencoder.load(model)
+        store = read_patch_store(patches)
+        X = store.split(split)
+        if X.shape[0] == 0:
+            raise ValueError(f"{patches}: the {split!r} split is empty (set "
+                             "patches.heldout_fraction > 0, or evaluate.split: train)")
+        stats = sparsity_stats(sae, X)
+        metrics = {**stats.metrics(), "split": split}
+        write_json(sparsity_metrics, metrics)
+        write_per_unit(units, stats)
+        shape = tuple(store.patch_shape)
+        rho = stats.rho if stats.rho is not None else None
+        plots.save_filter_grid(filters_png, sae.components_, shape,
+                               title=f"{sae.n_components} filters ({_setting(sae)})")
+        plots.save_rho_hat_histogram(rho_hat_png, stats.rho_hat, rho)
+        plots.write_rho_hat_csv(rho_hat_csv, stats.rho_hat, rho)
+        plots.save_loss_decomposition(loss_png, sae.history_)
+        pick = X[: min(n_pairs, X.shape[0])]
+        if len(pick):
+            plots.save_reconstructions(reconstructions_png, np.asarray(pick),
+                                       sae.reconstruct(pick), shape)
+    near = metrics.get("frac_units_near_target")
+    print(f"evaluate: {X.shape[0]} {split} patches; rho_hat in [{metrics['rho_hat_min']:.4f}, "
+          f"{metrics['rho_hat_max']:.4f}]"
+          + (f", {100 * near:.0f}% of units within [rho/2, 2 rho]" if near is not None else "")
+          + f"; {metrics['dead_units']} dead; FVU {metrics['fvu']:.3f} -> {sparsity_metrics}")
+    if tracking_enabled():
+        experiment, _ = tracking_settings(params)
+        c = tracking.client()
+        run_id = tracking.attach_run(
+            c, experiment, model_sha256=model_sha256(model), params=params, section="evaluate",
+            tags={**tracking.input_hashes([model, patches]), **prefect_tags("evaluate")})
+        tracking.log_stage(c, run_id, "sparsity", metrics=metrics, artifacts={
+            "sparsity": sparsity_metrics, "units": units, "filters": filters_png,
+            "rho_hat": rho_hat_png, "rho_hat_csv": rho_hat_csv, "loss": loss_png,
+            "reconstructions": reconstructions_png})
+        print(f"evaluate: added to MLflow run {run_id}")
+    return {**metrics, "seconds": timer["seconds"]}
+
+
+def _setting(sae) -> str:
+    if sae.penalty == "kl":
+        return f"KL, rho {sae.rho:g}, beta {sae.beta:g}"
+    if sae.penalty == "l1":
+        return f"L1 {sae.l1_coefficient:g}"
+    return f"TopK k={sae.k}"
+
+
+evaluate_flow = flow(name="evaluate", log_prints=False, persist_result=False)(evaluate)

@@ -1,0 +1,134 @@
+"""``saeflow report``: an HTML report of one pipeline run, or a comparison of several
+(settings against metrics, the pictures side by side, and for a sweep over one setting the
+rho_hat spread and downstream accuracy against it). The runs and their pictures come from
+MLflow; the page is written by :mod:`sae_core.report`, logged to MLflow and published as a
+Prefect artifact."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from prefect import flow
+
+from flows import tracking
+from flows.audit import matches, parse_filter
+
+PICTURES = {"filters": "sparsity/filters.png", "rho_hat histogram": "sparsity/rho_hat.png",
+            "loss decomposition": "sparsity/loss.png",
+            "inputs and reconstructions": "sparsity/reconstructions.png"}
+UNITS = "sparsity/units.parquet"
+SWEEPABLE = ("train.beta", "train.k", "train.l1_coefficient", "train.rho",
+             "train.weight_decay", "train.n_components")
+
+
+def select_runs(c, experiment: str, run_ids=(), where=(), last: int = 1) -> list:
+    """The runs to report, oldest first: the given ids; else the newest ``last`` runs that
+    have sparsity statistics and match every ``where`` filter (on params such as
+    ``train.beta`` and metrics such as ``score/accuracy``)."""
+    if run_ids:
+        return [c.get_run(r) for r in run_ids]
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} in {c.tracking_uri}: run the "
+                         "pipeline first")
+    filters = [parse_filter(w, columns=None) for w in where]
+    runs = [r for r in c.search_runs([exp.experiment_id], max_results=5000,
+                                     order_by=["attributes.start_time DESC"])
+            if "sparsity/rho_hat_mean" in r.data.metrics
+            and all(matches({**r.data.params, **r.data.metrics}, f) for f in filters)]
+    if not runs:
+        raise ValueError("no pipeline run with sparsity statistics matches")
+    return list(reversed(runs[: max(1, last)]))
+
+
+def _label(run, differing: list[str]) -> str:
+    name = run.info.run_name or run.info.run_id[:8]
+    parts = [f"{k.split('.')[-1]}={run.data.params.get(k)}" for k in differing]
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
+def sweep_setting(runs) -> str | None:
+    """The one sweepable setting whose value differs between the runs, if exactly one."""
+    differs = [k for k in SWEEPABLE if len({r.data.params.get(k) for r in runs}) > 1]
+    return differs[0] if len(differs) == 1 else None
+
+
+@flow(name="report", log_prints=False, persist_result=False)
+def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | None = None,
+                last: int = 1, experiment: str = "saeflow") -> dict:
+    import numpy as np
+    from prefect.artifacts import create_markdown_artifact
+
+    from sae_core.plots import sweep_png
+    from sae_core.report import RunSummary, write_report
+    from sae_core.stats import read_per_unit
+
+    c = tracking.client(create=False)
+    runs = select_runs(c, experiment, run_ids or (), where or (), last)
+    differing = [k for k in sorted({k for r in runs for k in r.data.params})
+                 if len({r.data.params.get(k) for r in runs}) > 1]
+    summaries, rho_hats = [], []
+    with tempfile.TemporaryDirectory(prefix="saeflow-report-") as tmp:
+        for run in runs:
+            local = Path(tmp) / run.info.run_id
+            have = {a.path for a in c.list_artifacts(run.info.run_id, "sparsity")}
+            pictures = {}
+            for caption, artifact in PICTURES.items():
+                if artifact in have:
+                    pictures[caption] = Path(c.download_artifacts(run.info.run_id, artifact,
+                                                                  str(local))).read_bytes()
+            if UNITS in have:
+                columns, _ = read_per_unit(c.download_artifacts(run.info.run_id, UNITS,
+                                                                str(local)))
+                rho_hats.append(columns["rho_hat"])
+            summaries.append(RunSummary(
+                name=_label(run, [k for k in differing if k.startswith("train.")][:3]),
+                params=dict(sorted(run.data.params.items())),
+                metrics=dict(sorted(run.data.metrics.items())), pictures=pictures,
+                run_id=run.info.run_id))
+    overview = {}
+    setting = sweep_setting(runs) if len(runs) > 1 else None
+    if setting and len(rho_hats) == len(runs):
+        order = np.argsort([float(r.data.params[setting]) for r in runs])
+        acc = [runs[i].data.metrics.get("score/accuracy") for i in order]
+        raw = [runs[i].data.metrics.get("score/raw_accuracy") for i in order]
+        rhos = {r.data.params.get("train.rho") for r in runs}
+        kl = {r.data.params.get("train.penalty") for r in runs} == {"kl"}
+        overview[f"sweep over {setting}"] = sweep_png(
+            [float(runs[i].data.params[setting]) for i in order],
+            [rho_hats[i] for i in order], name=setting.split(".")[-1],
+            accuracy=acc if None not in acc else None,
+            raw_accuracy=raw if None not in raw and None not in acc else None,
+            rho=float(next(iter(rhos))) if kl and len(rhos) == 1 else None)
+    title = ("saeflow report: " + summaries[0].name if len(runs) == 1
+             else f"saeflow report: {len(runs)} runs" + (f", sweep over {setting}"
+                                                          if setting else ""))
+    write_report(out, summaries, title=title, overview=overview)
+    if len(runs) == 1:
+        target = runs[0].info.run_id
+    else:
+        target = c.create_run(tracking.experiment_id(c, experiment),
+                              run_name=f"report of {len(runs)} runs",
+                              tags={"saeflow.report_of": ",".join(r.info.run_id
+                                                                  for r in runs)}).info.run_id
+    c.log_artifact(target, out, "report")
+    if len(runs) > 1:
+        tracking.finish(c, target)
+    rows = ["| run | " + " | ".join(differing[:6]) + " | rho_hat_mean | dead | FVU | accuracy "
+            "| raw |", "|" + "---|" * (len(differing[:6]) + 6)]
+    for s, r in zip(summaries, runs, strict=True):
+        m = r.data.metrics
+        cells = [r.data.params.get(k, "") for k in differing[:6]]
+        cells += [f"{m.get(k, float('nan')):.4g}" for k in
+                  ("sparsity/rho_hat_mean", "sparsity/dead_units", "sparsity/fvu",
+                   "score/accuracy", "score/raw_accuracy")]
+        rows.append(f"| {s.name} | " + " | ".join(map(str, cells)) + " |")
+    create_markdown_artifact(
+        key="saeflow-report",
+        markdown=f"# {title}\n\nHTML report: `{Path(out).resolve()}` (also MLflow run "
+                 f"`{target}`, artifact `report/{Path(out).name}`)\n\n" + "\n".join(rows),
+        description=title)
+    print(f"report: {len(runs)} run(s) -> {out}; logged to MLflow run {target}")
+    return {"out": out, "runs": [r.info.run_id for r in runs], "mlflow_run": target,
+            "sweep": setting}

@@ -1,0 +1,69 @@
+"""Stage 5, score: downstream classification with the learned features against raw pixels
+on the same split (params.yaml ``score``) -> ``metrics/score.json``. Adds it to the
+pipeline's MLflow run."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows import tracking
+from flows.stage_support import (
+    compute_timer,
+    model_sha256,
+    prefect_tags,
+    read_section,
+    tracking_enabled,
+    tracking_settings,
+)
+
+
+def score(model: str, labeled: str, transform: str, patches: str, score_metrics: str,
+          params_file: str = "params.yaml") -> dict:
+    """Features of the labeled images (the model's filters applied as the score settings
+    say, with the patches' own transform) against raw pixels, one linear classifier each."""
+    import numpy as np
+
+    from sae_core import SparseAutoencoder
+    from sae_core.dataset import read_dataset
+    from sae_core.io import write_json
+    from sae_core.patch_store import read_patch_store
+    from sae_core.patches import PatchConfig, PatchTransform
+    from sae_core.score import ScoreConfig
+    from sae_core.score import score as run_score
+
+    with compute_timer("score") as timer:
+        params, cfg = read_section(params_file, "score")
+        config = ScoreConfig.from_dict(cfg)
+        sae = SparseAutoencoder.load(model)
+        data = read_dataset(labeled)
+        if data.labels is None:
+            raise ValueError(f"{labeled}: the dataset has no labels")
+        shapes = {img.shape for img in data.images}
+        if len(shapes) != 1:
+            raise ValueError(f"{labeled}: images of {len(shapes)} different shapes; scoring "
+                             "needs one shape")
+        images = np.stack(data.images)
+        patch_config = PatchConfig.from_dict(read_patch_store(patches).config)
+        result = run_score(sae, images, data.labels, config,
+                           transform=PatchTransform.load(transform), patch_config=patch_config)
+        metrics = result.metrics()
+        # timings go to MLflow only: the metrics file stays the same bytes run to run
+        timings = {k: metrics.pop(k) for k in list(metrics)
+                   if k.endswith("_seconds") or k.endswith("_per_second")}
+        write_json(score_metrics, metrics)
+    print(f"score: accuracy {metrics['accuracy']:.4f} with {metrics.get('n_features', '?')} "
+          f"SAE features vs {metrics['raw_accuracy']:.4f} with raw pixels "
+          f"({metrics['n_train']} train / {metrics['n_test']} test) -> {score_metrics}")
+    if tracking_enabled():
+        experiment, _ = tracking_settings(params)
+        c = tracking.client()
+        run_id = tracking.attach_run(
+            c, experiment, model_sha256=model_sha256(model), params=params, section="score",
+            tags={**tracking.input_hashes([model, labeled, transform]), **prefect_tags("score")})
+        tracking.log_stage(c, run_id, "score", metrics={**metrics, **timings},
+                           artifacts={"score": score_metrics})
+        print(f"score: added to MLflow run {run_id}")
+    return {**metrics, "seconds": timer["seconds"]}
+
+
+score_flow = flow(name="score", log_prints=False, persist_result=False)(score)

@@ -1,0 +1,84 @@
+"""What every stage flow shares: its params section, the MLflow switch, Prefect ids, and
+the stage's own compute time (for benchmarks/overhead.py). Standard library only."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from flows.params import load_params, section
+
+TIMINGS_ENV = "SAEFLOW_TIMINGS"
+"""If set, each stage appends {"stage", "seconds"} (its own compute) to this JSON-lines file."""
+TRACKING_ENV = "SAEFLOW_TRACKING"
+"""Set to 0/off/false to run the stages without recording to MLflow."""
+
+
+def read_section(params_file: str | os.PathLike, name: str,
+                 allowed: set[str] | None = None) -> tuple[dict, dict]:
+    """(whole params file, one section); unknown keys in the section are a ValueError."""
+    params = load_params(params_file)
+    sec = section(params, name, params_file)
+    if allowed is not None:
+        unknown = sorted(set(sec) - allowed)
+        if unknown:
+            raise ValueError(f"{params_file}: unknown key(s) in {name}: {', '.join(unknown)}; "
+                             f"allowed: {', '.join(sorted(allowed))}")
+    return params, sec
+
+
+def tracking_enabled() -> bool:
+    return os.environ.get(TRACKING_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def tracking_settings(params: dict) -> tuple[str, str]:
+    """(experiment name, registered model name) from params.yaml's ``tracking`` section."""
+    t = params.get("tracking") or {}
+    return str(t.get("experiment", "saeflow")), str(t.get("registered_model", "saeflow-sae"))
+
+
+@contextmanager
+def compute_timer(stage: str) -> Iterator[dict]:
+    """Times the stage's own work (reading, maths, writing its outputs) — not imports,
+    Prefect or MLflow — and appends it to ``$SAEFLOW_TIMINGS`` when that is set."""
+    box: dict[str, Any] = {}
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["seconds"] = time.perf_counter() - start
+        target = os.environ.get(TIMINGS_ENV)
+        if target:
+            with open(target, "a") as fh:
+                fh.write(json.dumps({"stage": stage, "seconds": box["seconds"]}) + "\n")
+
+
+def prefect_tags(stage: str) -> dict[str, str]:
+    """``prefect.flow_run_id.<stage>`` (and the parent pipeline's flow run, if any)."""
+    try:
+        from prefect.runtime import flow_run
+    except ImportError:  # pragma: no cover - prefect is a dependency
+        return {}
+    tags = {}
+    if flow_run.id:
+        tags[f"prefect.flow_run_id.{stage}"] = str(flow_run.id)
+    parent = os.environ.get("SAEFLOW_PIPELINE_RUN_ID")
+    if parent:
+        tags["prefect.flow_run_id.pipeline"] = parent
+    return tags
+
+
+def model_sha256(model_dir: str | os.PathLike) -> str:
+    """The sha256 of a saved model's weights, as its config.json records it."""
+    config = Path(model_dir) / "config.json"
+    try:
+        return json.loads(config.read_text())["weights_sha256"]
+    except FileNotFoundError:
+        raise ValueError(f"{config}: model not found (run the train stage first)") from None
+    except (KeyError, ValueError):
+        raise ValueError(f"{config}: not a saeflow model config (no weights_sha256)") from None

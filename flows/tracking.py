@@ -1,0 +1,269 @@
+"""MLflow records of pipeline runs: one run per pipeline execution, across the stages.
+
+The train stage opens the run (all params, provenance tags, training metrics, the model,
+registered with its sparsity settings as version tags); evaluate and score find that run by
+the sha256 of the model they read and add their metrics and plots to it. Nothing about the
+run is written into DVC outputs, so those stay byte-identical from run to run.
+
+Store: ``MLFLOW_TRACKING_URI`` if set, else a SQLite file at an absolute path inside the
+project (``<project>/mlflow.db``, artifacts in ``<project>/mlartifacts``); experiments run
+by DVC in temporary copies resolve to the original project (:func:`flows.project.project_root`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from flows.project import project_root
+
+MODEL_TAG = "saeflow.model_sha256"
+"""Run tag: sha256 of the model weights the run trained (how later stages find the run)."""
+SETTINGS = ("penalty", "n_components", "rho", "beta", "weight_decay", "l1_coefficient", "k",
+            "solver", "max_iter")
+"""The training settings copied onto each registered model version as tags."""
+
+
+def default_uri(root: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<absolute project>/mlflow.db``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a SQLite store: several processes creating a fresh store at
+    once crash in MLflow's schema migrations (queued experiments, parallel stages)."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def client(uri: str | None = None, create: bool = True):
+    """An MlflowClient on the project's store, created (migrated) once under a file lock.
+    ``create=False`` (for commands that only read): a missing SQLite store is a ValueError
+    instead of a new empty store."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    # MLflow announces every migration step at INFO; keep the stage output readable
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    uri = uri or default_uri()
+    db = _sqlite_path(uri)
+    if not create and db is not None and not db.exists():
+        raise ValueError(f"no MLflow store at {db} (run the pipeline first, or set "
+                         "MLFLOW_TRACKING_URI)")
+    with _store_lock(uri):
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        c.search_experiments(max_results=1)  # creates/migrates the tables while locked
+    return c
+
+
+def experiment_id(c, name: str, root: Path | None = None) -> str:
+    """The experiment's id, creating it with artifacts under the project (for SQLite)."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if _sqlite_path(c.tracking_uri) is not None:
+        location = str((root or project_root()) / "mlartifacts")
+    with _store_lock(c.tracking_uri):
+        exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        return c.create_experiment(name, artifact_location=location)
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """params.yaml as MLflow params: ``section.key`` -> string (lists/mappings as JSON)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value, sort_keys=True)
+        else:
+            out[name] = str(value)
+    return out
+
+
+def md5_file(path: str | os.PathLike) -> str:
+    """The md5 DVC 3 records for a file (md5 of its bytes)."""
+    from sae_core.io import file_digest
+
+    return file_digest(path, "md5")
+
+
+def input_hashes(paths: list[str | os.PathLike]) -> dict[str, str]:
+    """Tags ``dvc.md5:<path>`` for each input file (every file inside an input folder)."""
+    tags: dict[str, str] = {}
+    for p in map(Path, paths):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            tags[f"dvc.md5:{f.as_posix()}"] = md5_file(f)
+    return tags
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """The commit the code came from, and whether the working tree differed from it."""
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=os.getcwd(), capture_output=True,
+                                  text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    tags = {"git.commit": commit or "unknown"}
+    if commit:
+        tags["git.dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no")))
+    exp = os.environ.get("DVC_EXP_NAME")
+    if exp:
+        tags["dvc.experiment"] = exp
+    return tags
+
+
+def _set_params(c, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def _log_metrics(c, run_id: str, metrics: dict[str, Any], prefix: str) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(f"{prefix}{k}", float(v), now, 0) for k, v in sorted(metrics.items())
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+    if items:
+        c.log_batch(run_id, metrics=items)
+
+
+def open_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
+             tags: dict[str, str], run_name: str | None = None) -> str:
+    """Start the pipeline run (train): all params, provenance tags; returns its id."""
+    run = c.create_run(experiment_id(c, experiment), run_name=run_name,
+                       tags={**tags, MODEL_TAG: model_sha256, "saeflow.stages": "train"})
+    _set_params(c, run.info.run_id, flatten(params))
+    return run.info.run_id
+
+
+def attach_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
+               section: str, tags: dict[str, str]) -> str:
+    """The run that trained this model, for a later stage to add to: the newest run tagged
+    with its sha256 whose recorded ``section`` params equal the current ones. If the settings
+    of this stage changed since (only this stage re-ran), a new run is opened for the model,
+    tagged ``saeflow.trained_in`` = the training run, so that no run mixes two settings."""
+    exp_id = experiment_id(c, experiment)
+    runs = c.search_runs([exp_id], filter_string=f"tags.`{MODEL_TAG}` = '{model_sha256}'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    mine = flatten({section: params.get(section, {})})
+    if runs and all(runs[0].data.params.get(k) in (None, v) for k, v in mine.items()):
+        run = runs[0]
+        stages = run.data.tags.get("saeflow.stages", "")
+        done = [s for s in stages.split(",") if s]
+        if section not in done:
+            done.append(section)
+        c.set_tag(run.info.run_id, "saeflow.stages", ",".join(done))
+        missing = {k: v for k, v in mine.items() if k not in run.data.params}
+        if missing:
+            _set_params(c, run.info.run_id, missing)
+        for k, v in tags.items():
+            c.set_tag(run.info.run_id, k, v)
+        return run.info.run_id
+    extra = {"saeflow.trained_in": runs[0].info.run_id} if runs else {}
+    run_id = open_run(c, experiment, model_sha256=model_sha256, params=params,
+                      tags={**tags, **extra})
+    c.set_tag(run_id, "saeflow.stages", section)
+    return run_id
+
+
+def log_stage(c, run_id: str, stage: str, *, metrics: dict[str, Any] | None = None,
+              artifacts: dict[str, str | os.PathLike] | None = None) -> None:
+    """A stage's metrics (as ``<stage>/<key>``) and files (under ``<stage>/``)."""
+    _log_metrics(c, run_id, metrics or {}, f"{stage}/")
+    for path in (artifacts or {}).values():
+        p = Path(path)
+        if p.is_dir():
+            c.log_artifacts(run_id, str(p), f"{stage}/{p.name}")
+        elif p.exists():
+            c.log_artifact(run_id, str(p), stage)
+
+
+def finish(c, run_id: str) -> None:
+    c.set_terminated(run_id, "FINISHED")
+
+
+def register_model(c, run_id: str, model_dir: str | os.PathLike, name: str,
+                   version_tags: dict[str, str]) -> str:
+    """Log the model as an MLflow pyfunc (defined from code: nothing pickled) holding the
+    saeflow model folder, register it under ``name``, tag the version; returns the version."""
+    import mlflow
+    import mlflow.pyfunc
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    code = Path(__file__).with_name("mlflow_model.py")
+    s, n = json.loads((Path(model_dir) / "config.json").read_text())["shapes"]["W1"]
+    # inputs (batch, n) in [0, 1] -> hidden activations (batch, s)
+    signature = infer_signature(np.full((1, n), 0.5), np.zeros((1, s)))
+    mlflow.set_tracking_uri(c.tracking_uri)
+    mlflow.set_registry_uri(c._registry_uri)
+    with _quiet():
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(code), artifacts={"sae": str(model_dir)},
+                pip_requirements=["saeflow"], registered_model_name=name,
+                signature=signature)
+    version = str(info.registered_model_version)
+    for k, v in version_tags.items():
+        c.set_model_version_tag(name, version, k, v)
+    # a run ended by the fluent API is FINISHED; later stages keep adding to it
+    return version
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence MLflow's progress bars and notices on stdout/stderr for the duration."""
+    import contextlib
+    import io
+
+    sink = io.StringIO()
+    prev = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        if prev is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = prev

@@ -1,0 +1,105 @@
+"""Stage 3, train: the patch store + params.yaml ``train`` -> the fitted sparse autoencoder
+(safetensors + config.json), ``metrics/train.json`` and the per-iteration loss terms (CSV).
+
+It opens the pipeline's MLflow run: all params, provenance tags, the training metrics, and
+the model, registered with its sparsity settings as version tags."""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+
+from flows import tracking
+from flows.stage_support import (
+    compute_timer,
+    model_sha256,
+    prefect_tags,
+    read_section,
+    tracking_enabled,
+    tracking_settings,
+)
+
+TRAIN_METRICS = ("loss", "reconstruction", "weight_decay", "sparsity")
+
+
+def _allowed() -> set[str]:
+    from sae_core.config import SAEConfig
+
+    return set(SAEConfig.__dataclass_fields__)
+
+
+class _Progress:
+    """A one-line progress report on stderr every ``every`` iterations (a Trainer callback)."""
+
+    def __init__(self, total: int, every: int = 50) -> None:
+        self.total, self.every = total, every
+
+    def on_fit_start(self, trainer) -> None:
+        pass
+
+    def on_iteration_end(self, trainer) -> None:
+        if trainer.iteration % self.every == 0:
+            h = trainer.history[-1]
+            print(f"train: iteration {trainer.iteration}/{self.total} loss {h['loss']:.5f}",
+                  file=sys.stderr, flush=True)
+
+    def on_fit_end(self, trainer) -> None:
+        pass
+
+
+def train(patches: str, model: str, train_metrics: str, loss_csv: str,
+          params_file: str = "params.yaml") -> dict:
+    """Fit ``SparseAutoencoder(**params['train'])`` on the store's training patches."""
+    from sae_core import SparseAutoencoder
+    from sae_core.io import write_json
+    from sae_core.patch_store import read_patch_store
+    from sae_core.plots import write_loss_csv
+
+    with compute_timer("train") as timer:
+        params, cfg = read_section(params_file, "train", _allowed())
+        store = read_patch_store(patches)
+        sae = SparseAutoencoder(**cfg, callbacks=[_Progress(int(cfg.get("max_iter", 400)))])
+        sae.fit(store.train)
+        sae.callbacks = None
+        sae.save(model)
+        last = sae.history_[-1]
+        result = {k: float(last[k]) for k in TRAIN_METRICS}
+        result["iterations"] = int(sae.n_iter_)
+    # the fit's wall time is a metric of the run, not of the data: it is the one key here
+    # that differs between two identical runs (metrics files are not DVC-cached)
+    result["seconds"] = round(timer["seconds"], 3)
+    write_json(train_metrics, result)
+    write_loss_csv(loss_csv, sae.history_)
+    n = sae.n_features_in_
+    print(f"train: {n}-{sae.n_components}-{n} {sae.penalty} model, {sae.n_iter_} iterations "
+          f"({sae.stop_reason_ or 'max_iter'}) in {timer['seconds']:.2f} s; "
+          f"loss {result['loss']:.5f} -> {model}")
+    if tracking_enabled():
+        _record(params, store, sae, model, train_metrics, loss_csv, patches, result)
+    return result
+
+
+def _record(params, store, sae, model, train_metrics, loss_csv, patches, result) -> None:
+    from flows.project import project_root
+
+    experiment, registered = tracking_settings(params)
+    c = tracking.client()
+    root = project_root()
+    tags = {**tracking.git_tags(root), **tracking.input_hashes([patches]),
+            **prefect_tags("train"), "saeflow.dataset_sha256": store.source_sha256}
+    sha = model_sha256(model)
+    run_id = tracking.open_run(c, experiment, model_sha256=sha, params=params, tags=tags,
+                               run_name=f"{sae.penalty}-beta{sae.beta}-rho{sae.rho}")
+    tracking.log_stage(c, run_id, "train", metrics=result,
+                       artifacts={"metrics": train_metrics, "loss": loss_csv})
+    settings = {k: str(getattr(sae, k)) for k in tracking.SETTINGS}
+    version = tracking.register_model(c, run_id, model, registered, {
+        **settings, "data.md5": tags[f"dvc.md5:{patches}"],
+        "dataset_sha256": store.source_sha256, "git.commit": tags["git.commit"],
+        "model_sha256": model_sha256(model),
+        "run_id": run_id})
+    print(f"train: MLflow run {run_id}; registered {registered} version {version}")
+
+
+train_flow = flow(name="train", log_prints=False, persist_result=False)(train)

@@ -1,0 +1,158 @@
+"""dvc.yaml, the stage table, the flows and params.yaml agree with each other."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.project import pipeline_paths, project_root
+from flows.stages import BY_NAME, STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+# modules that record runs (MLflow, Prefect ids) but shape no output: not stage deps
+RECORDING_ONLY = {"flows/tracking.py", "flows/project.py", "flows/launcher.py"}
+
+
+def test_five_stages_in_order():
+    assert [s.name for s in STAGES] == ["ingest", "patches", "train", "evaluate", "score"]
+    assert list(DVC["stages"]) == [s.name for s in STAGES]
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_flow_signature_matches_the_table(stage):
+    fn = stage.flow().fn
+    names = [p for p in inspect.signature(fn).parameters if p not in ("params_file", "data_dir")]
+    assert names == list(stage.path_args)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_dvc_stage_passes_every_path_and_declares_it(stage):
+    spec = DVC["stages"][stage.name]
+    cmd = " ".join(spec["cmd"].split())
+    assert cmd.startswith(f"saeflow stage {stage.name} ")
+    passed = dict(re.findall(r"--([a-z-]+) \$\{paths\.([a-z_]+)\}", cmd))
+    assert passed == {n.replace("_", "-"): n for n in stage.path_args}
+
+    def declared(key):
+        out = []
+        for item in spec.get(key, []):
+            out.append(next(iter(item)) if isinstance(item, dict) else item)
+        return {m.group(1) for d in out if (m := re.fullmatch(r"\$\{paths\.(\w+)\}", d))}
+
+    assert declared("deps") >= set(stage.inputs)
+    assert declared("outs") | declared("metrics") | declared("plots") == set(stage.outputs)
+    assert spec["params"] == [stage.name]
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def _module_file(name: str) -> Path | None:
+    p = ROOT / (name.replace(".", "/") + ".py")
+    return p if p.is_file() else None
+
+
+def _closure(module: str) -> set[str]:
+    """Project files a stage module imports, directly or not (package __init__ files are
+    skipped: sae_core's only loads its names lazily)."""
+    seen, todo = set(), [module]
+    while todo:
+        f = _module_file(todo.pop())
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        todo += [m for m in _imports(f) if m.split(".")[0] in ("flows", "sae_core")]
+    return {p.relative_to(ROOT).as_posix() for p in seen}
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_code_deps_cover_what_the_stage_imports(stage):
+    """A code change the stage depends on must make DVC re-run it."""
+    deps = {d for d in DVC["stages"][stage.name]["deps"] if not d.startswith("${")}
+    needed = _closure(stage.module) - RECORDING_ONLY
+    assert needed <= deps, f"missing deps: {sorted(needed - deps)}"
+    assert all((ROOT / d).is_file() for d in deps)
+
+
+def _code_strings(path: Path) -> set[str]:
+    """String literals of a module other than docstrings (any bare string statement)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+            and isinstance(n.value, str) and id(n) not in docs}
+
+
+def test_paths_are_declared_once():
+    paths = pipeline_paths(ROOT / "dvc.yaml")
+    used = {n for s in STAGES for n in s.path_args}
+    assert set(paths) == used
+    for f in ("flows", "sae_core"):
+        for py in (ROOT / f).glob("*.py"):
+            strings = _code_strings(py)
+            for p in paths.values():
+                assert not any(p in s for s in strings), f"{py.name} hard-codes {p}"
+
+
+def test_params_defaults_are_the_exercise():
+    t = PARAMS["train"]
+    assert (t["n_components"], t["penalty"], t["rho"], t["beta"], t["weight_decay"],
+            t["max_iter"], t["solver"]) == (25, "kl", 0.01, 3.0, 1e-4, 400, "lbfgs")
+    p = PARAMS["patches"]
+    assert p["patch_size"] == 8
+    assert round(p["n_patches"] * (1 - p["heldout_fraction"])) == 10_000
+    assert PARAMS["ingest"]["labeled_sources"] == [{"type": "builtin_digits"}]
+
+
+def test_unknown_stage_key_is_one_line_error(tmp_path):
+    from flows.stage_support import read_section
+
+    f = tmp_path / "params.yaml"
+    f.write_text("evaluate:\n  split: heldout\n  bogus: 1\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in evaluate: bogus"):
+        read_section(f, "evaluate", {"split"})
+
+
+def test_project_root_of_a_dvc_experiment_copy_is_the_original(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAEFLOW_PROJECT_ROOT", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    copy.mkdir(parents=True)
+    (copy / "dvc.yaml").write_text("stages: {}\n")
+    assert project_root(copy) == tmp_path / "proj"
+    (tmp_path / "proj" / "sub").mkdir()
+    (tmp_path / "proj" / "dvc.yaml").write_text("stages: {}\n")
+    assert project_root(tmp_path / "proj" / "sub") == tmp_path / "proj"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "proj"))
+    assert project_root(tmp_path) == tmp_path / "proj"
+    monkeypatch.setenv("SAEFLOW_PROJECT_ROOT", str(tmp_path))
+    assert project_root(copy) == tmp_path
+
+
+def test_default_store_is_absolute_sqlite_in_the_project(tmp_path, monkeypatch):
+    from flows.tracking import default_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert default_uri(tmp_path).startswith("sqlite:////")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert default_uri(tmp_path) == "http://tracking:5000"
+
+
+def test_stage_table_names_are_unique():
+    assert len(BY_NAME) == len(STAGES)
