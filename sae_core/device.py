@@ -26,3 +26,12 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str) -> torch.dtype:
     """'float32' or 'float64' as a torch dtype."""
     return DTYPES[name]
+
+
+def to_tensor(array, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A numpy array (m, n) as a tensor on ``device`` in ``dtype``. A read-only array (a
+    view of a memory-mapped patch store) is copied first: torch shares memory with the
+    arrays it wraps and does not support read-only ones."""
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array).to(device, dtype)

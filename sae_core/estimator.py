@@ -13,7 +13,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from sae_core import io
 from sae_core import model as M
 from sae_core.config import SAEConfig
-from sae_core.device import resolve_device, resolve_dtype
+from sae_core.device import resolve_device, resolve_dtype, to_tensor
 from sae_core.train import CheckpointCallback, Trainer
 
 _TRANSFORM_BATCH = 65_536
@@ -242,7 +242,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         out = []
         with torch.no_grad():
             for start in range(0, X.shape[0], _TRANSFORM_BATCH):
-                batch = torch.from_numpy(X[start : start + _TRANSFORM_BATCH]).to(device, dtype)
+                batch = to_tensor(X[start : start + _TRANSFORM_BATCH], device, dtype)
                 out.append(fn(p, batch, config).cpu().numpy())
         return np.concatenate(out).astype(X.dtype, copy=False)
 

@@ -470,7 +470,7 @@ def sparsity_stats(
     from sklearn.utils.validation import check_is_fitted
 
     from sae_core import model as M
-    from sae_core.device import resolve_device, resolve_dtype
+    from sae_core.device import resolve_device, resolve_dtype, to_tensor
 
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size!r}")
@@ -486,8 +486,7 @@ def sparsity_stats(
     with torch.no_grad():
         for start in range(0, X.shape[0], int(batch_size)):
             x_np = X[start : start + int(batch_size)]
-            # a read-only view (a memory-mapped patch store) is copied: torch wants writable
-            xb = torch.from_numpy(x_np if x_np.flags.writeable else x_np.copy()).to(device, dtype)
+            xb = to_tensor(x_np, device, dtype)
             a = M.encode(p, xb, config.penalty, config.effective_k)
             # p.W2 is the stored effective decoder (already unit-norm): applied as is
             out = torch.addmm(p.b2, a, p.W2.t())

@@ -288,3 +288,29 @@ def test_partial_fit_continues_from_a_loaded_model(tmp_path):
     fresh.partial_fit(X)
     # the loaded model keeps training from its weights, not from a new random start
     assert loaded.history_[-1]["loss"] < fresh.history_[-1]["loss"]
+
+
+def test_read_only_input_is_used_without_torch_warnings(python, subprocess_env, repo_root):
+    """Patch stores are memory-mapped read-only; torch warns (once per process, so this
+    runs in a fresh one) when it wraps such an array. transform and the statistics copy."""
+    import subprocess
+
+    code = """
+import warnings
+import numpy as np
+from sae_core import SparseAutoencoder
+from sae_core.stats import sparsity_stats
+X = np.random.default_rng(0).uniform(0.1, 0.9, (60, 16))
+sae = SparseAutoencoder(4, max_iter=5).fit(X)
+X.setflags(write=False)
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    A = sae.transform(X)
+    sparsity_stats(sae, X)
+    sae.reconstruct(X)
+print(A.shape)
+"""
+    proc = subprocess.run([python, "-c", code], cwd=repo_root, env=subprocess_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "(60, 4)"
