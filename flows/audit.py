@@ -17,6 +17,8 @@ from flows import tracking
 
 SETTING_COLUMNS = ("penalty", "n_components", "rho", "beta", "weight_decay", "l1_coefficient",
                    "k", "solver")
+PENALTY_SETTINGS = {"rho": "kl", "beta": "kl", "l1_coefficient": "l1", "k": "topk"}
+"""Settings that only one penalty uses."""
 METRIC_COLUMNS = {
     "loss": "train/loss",
     "rho_hat_mean": "sparsity/rho_hat_mean",
@@ -103,6 +105,10 @@ def audit_rows(model: str | None = None, filters=(), params_file: str = "params.
         row: dict[str, Any] = {"version": int(v.version)}
         for col in SETTING_COLUMNS:
             row[col] = _typed(tags.get(col))
+        # settings that the penalty does not use are shown blank, not as their defaults
+        for col, used_by in PENALTY_SETTINGS.items():
+            if row["penalty"] != used_by:
+                row[col] = None
         row["data_md5"] = tags.get("data.md5", "")
         row["git_commit"] = tags.get("git.commit", "")[:12]
         related = by_model.get(tags.get("model_sha256", ""), [])

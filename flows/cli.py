@@ -136,6 +136,8 @@ def _run_flow(fn, **kwargs):
     from prefect.logging.handlers import PrefectConsoleHandler
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+    # its "still processing items" notice at exit is about its own queue draining
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
     quiet = _NoFlowRunTracebacks()
     handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
     if not _DEBUG:

@@ -69,7 +69,7 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
     differing = [k for k in sorted({k for r in runs for k in r.data.params})
                  if len({r.data.params.get(k) for r in runs}) > 1]
     summaries, rho_hats = [], []
-    with tempfile.TemporaryDirectory(prefix="saeflow-report-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="saeflow-report-") as tmp, tracking.quiet():
         for run in runs:
             local = Path(tmp) / run.info.run_id
             have = {a.path for a in c.list_artifacts(run.info.run_id, "sparsity")}

@@ -237,7 +237,7 @@ def register_model(c, run_id: str, model_dir: str | os.PathLike, name: str,
     signature = infer_signature(np.full((1, n), 0.5), np.zeros((1, s)))
     mlflow.set_tracking_uri(c.tracking_uri)
     mlflow.set_registry_uri(c._registry_uri)
-    with _quiet():
+    with quiet():
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(code), artifacts={"sae": str(model_dir)},
@@ -251,7 +251,7 @@ def register_model(c, run_id: str, model_dir: str | os.PathLike, name: str,
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence MLflow's progress bars and notices on stdout/stderr for the duration."""
     import contextlib
     import io
