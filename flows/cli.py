@@ -237,8 +237,18 @@ def _cmd_server(args: argparse.Namespace) -> int:
     servers = launcher.server_status()
     if not servers:
         print("no stage server running")
+    import datetime
+
     for s in servers:
-        print(" ".join(f"{k}={v}" for k, v in s.items()))
+        started = datetime.datetime.fromtimestamp(float(s.get("started", 0))).isoformat(
+            timespec="seconds")
+        url = str(s.get("prefect_api_url") or "")
+        print(f"stage server pid {s.get('pid')} (key {str(s.get('key', ''))[:12]}), "
+              f"started {started}, {s.get('served', 0)} command(s) served, "
+              f"{'running' if s.get('responding') else 'not responding'}")
+        if url:
+            print(f"  Prefect UI: {url.removesuffix('/api')}   (API {url})")
+        print(f"  log: {s.get('log')}")
     return 0
 
 
