@@ -18,6 +18,13 @@ PICTURES = {"filters": "sparsity/filters.png", "rho_hat histogram": "sparsity/rh
             "loss decomposition": "sparsity/loss.png",
             "inputs and reconstructions": "sparsity/reconstructions.png"}
 UNITS = "sparsity/units.parquet"
+KEY_METRICS = ("train/loss", "train/reconstruction", "train/sparsity", "train/iterations",
+               "sparsity/rho_hat_mean", "sparsity/rho_hat_min", "sparsity/rho_hat_max",
+               "sparsity/frac_units_near_target", "sparsity/dead_units", "sparsity/kl_total",
+               "sparsity/l0_mean", "sparsity/hoyer_mean", "sparsity/kurtosis_mean",
+               "sparsity/fvu", "score/accuracy", "score/raw_accuracy", "score/macro_f1",
+               "score/raw_macro_f1")
+"""The metrics the report tables show, in this order (all are in MLflow)."""
 SWEEPABLE = ("train.beta", "train.k", "train.l1_coefficient", "train.rho",
              "train.weight_decay", "train.n_components")
 
@@ -85,7 +92,8 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
             summaries.append(RunSummary(
                 name=_label(run, [k for k in differing if k.startswith("train.")][:3]),
                 params=dict(sorted(run.data.params.items())),
-                metrics=dict(sorted(run.data.metrics.items())), pictures=pictures,
+                metrics={k: run.data.metrics[k] for k in KEY_METRICS if k in run.data.metrics},
+                pictures=pictures,
                 run_id=run.info.run_id))
     overview = {}
     setting = sweep_setting(runs) if len(runs) > 1 else None

@@ -25,6 +25,7 @@ def score(model: str, labeled: str, transform: str, patches: str, score_metrics:
 
     from sae_core import SparseAutoencoder
     from sae_core.dataset import read_dataset
+    from sae_core.device import resolve_device
     from sae_core.io import write_json
     from sae_core.patch_store import read_patch_store
     from sae_core.patches import PatchConfig, PatchTransform
@@ -44,8 +45,11 @@ def score(model: str, labeled: str, transform: str, patches: str, score_metrics:
                              "needs one shape")
         images = np.stack(data.images)
         patch_config = PatchConfig.from_dict(read_patch_store(patches).config)
+        # features are extracted on the model's device (CUDA when train.device is auto and
+        # a GPU is present; the CPU gives the same bytes run to run)
         result = run_score(sae, images, data.labels, config,
-                           transform=PatchTransform.load(transform), patch_config=patch_config)
+                           transform=PatchTransform.load(transform), patch_config=patch_config,
+                           device=str(resolve_device(sae.device)))
         metrics = result.metrics()
         # timings go to MLflow only: the metrics file stays the same bytes run to run
         timings = {k: metrics.pop(k) for k in list(metrics)
