@@ -87,9 +87,13 @@ def audit_rows(model: str | None = None, filters=(), params_file: str = "params.
     c = tracking.client(uri, create=False)
     from mlflow.exceptions import MlflowException
 
+    if "'" in name or "\\" in name:
+        raise ValueError(f"--model {name!r}: quotes and backslashes are not allowed")
     try:
         versions = c.search_model_versions(f"name = '{name}'")
-    except MlflowException:
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise ValueError(f"MLflow: {' '.join(str(exc).split())}") from None
         versions = []
     exp = c.get_experiment_by_name(experiment)
     runs = c.search_runs([exp.experiment_id], max_results=5000,

@@ -30,13 +30,16 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
     from sae_core.patch_store import read_patch_store
     from sae_core.stats import sparsity_stats, write_per_unit
 
+    # the store is opened (and checked) before any work, so an unreachable one fails fast
+    c = tracking.client() if tracking_enabled() else None
     with compute_timer("evaluate") as timer:
         params, cfg = read_section(params_file, "evaluate", KEYS)
         split = cfg.get("split", "heldout")
         n_pairs = cfg.get("n_reconstructions", 10)
-        if not isinstance(n_pairs, int) or isinstance(n_pairs, bool) or n_pairs < 0:
+        if not isinstance(n_pairs, int) or isinstance(n_pairs, bool) or n_pairs < 1:
+            # >= 1: the picture is a declared output, so there is always something to draw
             raise ValueError(f"{params_file}: evaluate.n_reconstructions must be an integer "
-                             f">= 0; got {n_pairs!r}")
+                             f">= 1; got {n_pairs!r}")
         sae = SparseAutoencoder.load(model)
         store = read_patch_store(patches)
         X = store.split(split)
@@ -54,18 +57,15 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
         plots.save_rho_hat_histogram(rho_hat_png, stats.rho_hat, rho)
         plots.write_rho_hat_csv(rho_hat_csv, stats.rho_hat, rho)
         plots.save_loss_decomposition(loss_png, sae.history_)
-        pick = X[: min(n_pairs, X.shape[0])]
-        if len(pick):
-            plots.save_reconstructions(reconstructions_png, np.asarray(pick),
-                                       sae.reconstruct(pick), shape)
+        pick = np.asarray(X[: min(n_pairs, X.shape[0])])
+        plots.save_reconstructions(reconstructions_png, pick, sae.reconstruct(pick), shape)
     near = metrics.get("frac_units_near_target")
     print(f"evaluate: {X.shape[0]} {split} patches; rho_hat in [{metrics['rho_hat_min']:.4f}, "
           f"{metrics['rho_hat_max']:.4f}]"
           + (f", {100 * near:.0f}% of units within [rho/2, 2 rho]" if near is not None else "")
           + f"; {metrics['dead_units']} dead; FVU {metrics['fvu']:.3f} -> {sparsity_metrics}")
-    if tracking_enabled():
+    if c is not None:
         experiment, _ = tracking_settings(params)
-        c = tracking.client()
         run_id = tracking.attach_run(
             c, experiment, model_sha256=model_sha256(model), params=params, section="evaluate",
             tags={**tracking.input_hashes([model, patches]), **prefect_tags("evaluate")})
@@ -73,6 +73,7 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
             "sparsity": sparsity_metrics, "units": units, "filters": filters_png,
             "rho_hat": rho_hat_png, "rho_hat_csv": rho_hat_csv, "loss": loss_png,
             "reconstructions": reconstructions_png})
+        tracking.finish(c, run_id)
         print(f"evaluate: added to MLflow run {run_id}")
     return {**metrics, "seconds": timer["seconds"]}
 

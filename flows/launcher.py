@@ -558,6 +558,15 @@ def _log_tail(path: str, lines: int = 3) -> str:
     return " | ".join(tail)[-400:]
 
 
+SERVER_BOOTSTRAP = (
+    "import sys; del sys.path[0]; import runpy; "
+    "runpy.run_module('flows.stage_server', run_name='__main__', alter_sys=True)")
+"""How the server is started: like ``python -m flows.stage_server``, but with the working
+folder taken off sys.path *before* ``flows`` is imported. With ``-m`` a client working in a
+copy of the project (DVC's experiment folders) made the server import that copy's
+``flows`` -- code other than the key's, from a folder that is deleted afterwards."""
+
+
 def _spawn(paths: ServerPaths, deadline: float) -> None:
     """Start ``python -m flows.stage_server`` detached and wait until it says it is ready;
     it reports on a pipe: ``pid N`` at once, ``ready`` when it listens; end of file
@@ -566,7 +575,7 @@ def _spawn(paths: ServerPaths, deadline: float) -> None:
     import subprocess
 
     roots = package_roots()
-    cmd = [sys.executable, "-m", "flows.stage_server", "--socket", paths.socket,
+    cmd = [sys.executable, "-c", SERVER_BOOTSTRAP, "--socket", paths.socket,
            "--key", paths.key,
            "--idle-timeout", str(_float_env(ENV_IDLE, DEFAULT_IDLE_TIMEOUT)),
            "--entry", entry_point()]

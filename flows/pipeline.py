@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -20,6 +21,11 @@ def pipeline_flow(params_file: str = "params.yaml", dvc_yaml: str = "dvc.yaml",
                   record_in_dvc: bool = True) -> dict:
     """ingest -> patches -> train -> evaluate -> score, each as a subflow; returns each
     stage's result. ``record_in_dvc``: run ``dvc commit`` at the end (if DVC is set up)."""
+    if record_in_dvc and (Path(params_file).resolve() != Path("params.yaml").resolve()
+                          or Path(dvc_yaml).resolve() != Path("dvc.yaml").resolve()):
+        # dvc.lock would record params.yaml's values for outputs made from other settings
+        raise ValueError(f"{params_file}: only the project's params.yaml and dvc.yaml can be "
+                         "recorded in dvc.lock; use --no-dvc-commit with other files")
     paths = pipeline_paths(dvc_yaml)
     previous = os.environ.get("SAEFLOW_PIPELINE_RUN_ID")
     if flow_run.id:

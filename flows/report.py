@@ -33,8 +33,15 @@ def select_runs(c, experiment: str, run_ids=(), where=(), last: int = 1) -> list
     """The runs to report, oldest first: the given ids; else the newest ``last`` runs that
     have sparsity statistics and match every ``where`` filter (on params such as
     ``train.beta`` and metrics such as ``score/accuracy``)."""
+    from mlflow.exceptions import MlflowException
+
+    if int(last) < 1:
+        raise ValueError(f"--last must be >= 1; got {last}")
     if run_ids:
-        return [c.get_run(r) for r in run_ids]
+        try:
+            return [c.get_run(r) for r in run_ids]
+        except MlflowException as exc:
+            raise ValueError(f"--run: {' '.join(str(exc).split())}") from None
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"no MLflow experiment {experiment!r} in {c.tracking_uri}: run the "
@@ -42,17 +49,24 @@ def select_runs(c, experiment: str, run_ids=(), where=(), last: int = 1) -> list
     filters = [parse_filter(w, columns=None) for w in where]
     runs = [r for r in c.search_runs([exp.experiment_id], max_results=5000,
                                      order_by=["attributes.start_time DESC"])
-            if "sparsity/rho_hat_mean" in r.data.metrics
+            if any(k.startswith(("sparsity/", "score/")) for k in r.data.metrics)
             and all(matches({**r.data.params, **r.data.metrics}, f) for f in filters)]
     if not runs:
-        raise ValueError("no pipeline run with sparsity statistics matches")
+        raise ValueError("no pipeline run with sparsity or score metrics matches")
     return list(reversed(runs[: max(1, last)]))
 
 
-def _label(run, differing: list[str]) -> str:
-    name = run.info.run_name or run.info.run_id[:8]
-    parts = [f"{k.split('.')[-1]}={run.data.params.get(k)}" for k in differing]
-    return f"{name} ({', '.join(parts)})" if parts else name
+def _labels(runs, differing: list[str]) -> list[str]:
+    """Run names with the settings that differ between the runs (training ones first, at
+    most three); the short run id is added where two labels would still be equal."""
+    keys = sorted(differing, key=lambda k: (not k.startswith("train."), k))[:3]
+    labels = []
+    for run in runs:
+        name = run.info.run_name or run.info.run_id[:8]
+        parts = [f"{k}={run.data.params.get(k)}" for k in keys]
+        labels.append(f"{name} ({', '.join(parts)})" if parts else name)
+    return [f"{label} [{run.info.run_id[:8]}]" if labels.count(label) > 1 else label
+            for label, run in zip(labels, runs, strict=True)]
 
 
 def sweep_setting(runs) -> str | None:
@@ -75,9 +89,10 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
     runs = select_runs(c, experiment, run_ids or (), where or (), last)
     differing = [k for k in sorted({k for r in runs for k in r.data.params})
                  if len({r.data.params.get(k) for r in runs}) > 1]
+    labels = _labels(runs, differing)
     summaries, rho_hats = [], []
     with tempfile.TemporaryDirectory(prefix="saeflow-report-") as tmp, tracking.quiet():
-        for run in runs:
+        for run, label in zip(runs, labels, strict=True):
             local = Path(tmp) / run.info.run_id
             have = {a.path for a in c.list_artifacts(run.info.run_id, "sparsity")}
             pictures = {}
@@ -90,7 +105,7 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
                                                                 str(local)))
                 rho_hats.append(columns["rho_hat"])
             summaries.append(RunSummary(
-                name=_label(run, [k for k in differing if k.startswith("train.")][:3]),
+                name=label,
                 params=dict(sorted(run.data.params.items())),
                 metrics={k: run.data.metrics[k] for k in KEY_METRICS if k in run.data.metrics},
                 pictures=pictures,

@@ -32,6 +32,7 @@ def score(model: str, labeled: str, transform: str, patches: str, score_metrics:
     from sae_core.score import ScoreConfig
     from sae_core.score import score as run_score
 
+    c = tracking.client() if tracking_enabled() else None  # fail fast on a bad store
     with compute_timer("score") as timer:
         params, cfg = read_section(params_file, "score")
         config = ScoreConfig.from_dict(cfg)
@@ -58,14 +59,15 @@ def score(model: str, labeled: str, transform: str, patches: str, score_metrics:
     print(f"score: accuracy {metrics['accuracy']:.4f} with {metrics.get('n_features', '?')} "
           f"SAE features vs {metrics['raw_accuracy']:.4f} with raw pixels "
           f"({metrics['n_train']} train / {metrics['n_test']} test) -> {score_metrics}")
-    if tracking_enabled():
+    if c is not None:
         experiment, _ = tracking_settings(params)
-        c = tracking.client()
         run_id = tracking.attach_run(
             c, experiment, model_sha256=model_sha256(model), params=params, section="score",
-            tags={**tracking.input_hashes([model, labeled, transform]), **prefect_tags("score")})
+            tags={**tracking.input_hashes([model, labeled, transform, patches]),
+                  **prefect_tags("score")})
         tracking.log_stage(c, run_id, "score", metrics={**metrics, **timings},
                            artifacts={"score": score_metrics})
+        tracking.finish(c, run_id)
         print(f"score: added to MLflow run {run_id}")
     return {**metrics, "seconds": timer["seconds"]}
 

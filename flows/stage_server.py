@@ -129,7 +129,13 @@ class StageServer:
         self.parts = launcher.key_parts()  # before PREFECT_API_URL changes the env
         mine = launcher.compute_key()
         if mine != self.args.key:
-            _log("warning: the package files changed while this server started")
+            # serving under a key whose code this process does not run would hand every
+            # later client other code than it asked for: refuse (the client then runs the
+            # command in-process)
+            _log(f"error: this process runs code {mine[:16]}, not the requested "
+                 f"{self.args.key[:16]} (files changed, or another copy of the packages "
+                 f"was imported: {', '.join(self.parts.get('roots', []))}); exiting")
+            raise SystemExit(3)
         self._fix_sys_path()
         atexit.register(self.cleanup)
         if "PREFECT_API_URL" not in os.environ:
@@ -144,11 +150,8 @@ class StageServer:
         _log(f"ready in {time.perf_counter() - t0:.2f} s on {self.paths.socket}")
 
     def _fix_sys_path(self) -> None:
-        """``-m`` put the first client's directory first on sys.path: drop it, and make
-        sure the packages are the client's ones."""
-        cwd = os.getcwd()
-        if sys.path and sys.path[0] in (cwd, ""):
-            del sys.path[0]
+        """Make sure the packages are the client's ones (the bootstrap already took the
+        working folder off sys.path)."""
         for parent in reversed(self.args.path or []):
             if parent not in sys.path:
                 sys.path.insert(0, parent)

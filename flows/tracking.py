@@ -71,6 +71,10 @@ def client(uri: str | None = None, create: bool = True):
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = uri or default_uri()
+    if uri.startswith(("http://", "https://")):
+        # a tracking server that is down should fail a stage in seconds, not minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     db = _sqlite_path(uri)
     if not create and db is not None and not db.exists():
         raise ValueError(f"no MLflow store at {db} (run the pipeline first, or set "
@@ -127,7 +131,20 @@ def input_hashes(paths: list[str | os.PathLike]) -> dict[str, str]:
     return tags
 
 
-def git_tags(root: Path) -> dict[str, str]:
+def run_name(params: dict[str, Any], suffix: str = "") -> str:
+    """A readable run name from the training settings, e.g. ``kl-beta3.0-rho0.01``."""
+    t = params.get("train") or {}
+    penalty = t.get("penalty", "kl")
+    if penalty == "kl":
+        name = f"kl-beta{t.get('beta', 3.0)}-rho{t.get('rho', 0.01)}"
+    elif penalty == "l1":
+        name = f"l1-{t.get('l1_coefficient')}"
+    else:
+        name = f"topk-k{t.get('k')}"
+    return name + suffix
+
+
+def git_tags() -> dict[str, str]:
     """The commit the code came from, and whether the working tree differed from it."""
     def git(*args: str) -> str:
         try:
@@ -178,30 +195,37 @@ def open_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
 
 def attach_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
                section: str, tags: dict[str, str]) -> str:
-    """The run that trained this model, for a later stage to add to: the newest run tagged
-    with its sha256 whose recorded ``section`` params equal the current ones. If the settings
-    of this stage changed since (only this stage re-ran), a new run is opened for the model,
-    tagged ``saeflow.trained_in`` = the training run, so that no run mixes two settings."""
+    """The run that trained this model, for a later stage to add to: among the runs tagged
+    with its sha256 (newest first, those of the same DVC experiment preferred), the first
+    whose recorded ``section`` params equal the current ones. If none matches (only this
+    stage re-ran, with changed settings), a new run is opened for the model -- all params,
+    the git and data tags, ``saeflow.trained_in`` = the training run -- so that no run mixes
+    two settings."""
     exp_id = experiment_id(c, experiment)
     runs = c.search_runs([exp_id], filter_string=f"tags.`{MODEL_TAG}` = '{model_sha256}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
+                         order_by=["attributes.start_time DESC"], max_results=50)
+    exp = os.environ.get("DVC_EXP_NAME")
+    runs.sort(key=lambda r: r.data.tags.get("dvc.experiment") != exp)  # stable: newest first
     mine = flatten({section: params.get(section, {})})
-    if runs and all(runs[0].data.params.get(k) in (None, v) for k, v in mine.items()):
-        run = runs[0]
-        stages = run.data.tags.get("saeflow.stages", "")
-        done = [s for s in stages.split(",") if s]
-        if section not in done:
-            done.append(section)
-        c.set_tag(run.info.run_id, "saeflow.stages", ",".join(done))
-        missing = {k: v for k, v in mine.items() if k not in run.data.params}
-        if missing:
-            _set_params(c, run.info.run_id, missing)
-        for k, v in tags.items():
-            c.set_tag(run.info.run_id, k, v)
-        return run.info.run_id
-    extra = {"saeflow.trained_in": runs[0].info.run_id} if runs else {}
+    for run in runs:
+        if all(run.data.params.get(k) in (None, v) for k, v in mine.items()):
+            done = [s for s in run.data.tags.get("saeflow.stages", "").split(",") if s]
+            if section not in done:
+                done.append(section)
+            c.set_tag(run.info.run_id, "saeflow.stages", ",".join(done))
+            missing = {k: v for k, v in mine.items() if k not in run.data.params}
+            if missing:
+                _set_params(c, run.info.run_id, missing)
+            for k, v in tags.items():
+                c.set_tag(run.info.run_id, k, v)
+            return run.info.run_id
+    trained = next((r for r in runs if "train" in r.data.tags.get("saeflow.stages", "")), None)
+    extra = {"saeflow.trained_in": trained.info.run_id} if trained else {}
+    if trained and "saeflow.dataset_sha256" in trained.data.tags:
+        extra["saeflow.dataset_sha256"] = trained.data.tags["saeflow.dataset_sha256"]
     run_id = open_run(c, experiment, model_sha256=model_sha256, params=params,
-                      tags={**tags, **extra})
+                      tags={**git_tags(), **tags, **extra},
+                      run_name=run_name(params, f"-{section}"))
     c.set_tag(run_id, "saeflow.stages", section)
     return run_id
 

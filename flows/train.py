@@ -52,14 +52,23 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
           params_file: str = "params.yaml") -> dict:
     """Fit ``SparseAutoencoder(**params['train'])`` on the store's training patches."""
     from sae_core import SparseAutoencoder
+    from sae_core.config import SAEConfig
     from sae_core.io import write_json
     from sae_core.patch_store import read_patch_store
     from sae_core.plots import write_loss_csv
 
+    # the store is opened (and checked) and the code's git state read before any output
+    # is written (the outputs themselves would make the tree look modified)
+    c = tracking.client() if tracking_enabled() else None
+    git = tracking.git_tags() if c is not None else {}
     with compute_timer("train") as timer:
         params, cfg = read_section(params_file, "train", _allowed())
+        try:
+            config = SAEConfig(**cfg)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{params_file}: train: {exc}") from None
         store = read_patch_store(patches)
-        sae = SparseAutoencoder(**cfg, callbacks=[_Progress(int(cfg.get("max_iter", 400)))])
+        sae = SparseAutoencoder(**cfg, callbacks=[_Progress(config.max_iter)])
         sae.fit(store.train)
         sae.callbacks = None
         sae.save(model)
@@ -75,30 +84,26 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
     print(f"train: {n}-{sae.n_components}-{n} {sae.penalty} model, {sae.n_iter_} iterations "
           f"({sae.stop_reason_ or 'max_iter'}) in {timer['seconds']:.2f} s; "
           f"loss {result['loss']:.5f} -> {model}")
-    if tracking_enabled():
-        _record(params, store, sae, model, train_metrics, loss_csv, patches, result)
+    if c is not None:
+        _record(c, git, params, store, sae, model, train_metrics, loss_csv, patches, result)
     return result
 
 
-def _record(params, store, sae, model, train_metrics, loss_csv, patches, result) -> None:
-    from flows.project import project_root
-
+def _record(c, git, params, store, sae, model, metrics, loss_csv, patches, result) -> None:
     experiment, registered = tracking_settings(params)
-    c = tracking.client()
-    root = project_root()
-    tags = {**tracking.git_tags(root), **tracking.input_hashes([patches]),
-            **prefect_tags("train"), "saeflow.dataset_sha256": store.source_sha256}
+    data = tracking.input_hashes([patches])
+    tags = {**git, **data, **prefect_tags("train"),
+            "saeflow.dataset_sha256": store.source_sha256}
     sha = model_sha256(model)
     run_id = tracking.open_run(c, experiment, model_sha256=sha, params=params, tags=tags,
-                               run_name=f"{sae.penalty}-beta{sae.beta}-rho{sae.rho}")
+                               run_name=tracking.run_name(params))
     tracking.log_stage(c, run_id, "train", metrics=result,
-                       artifacts={"metrics": train_metrics, "loss": loss_csv})
+                       artifacts={"metrics": metrics, "loss": loss_csv})
     settings = {k: str(getattr(sae, k)) for k in tracking.SETTINGS}
     version = tracking.register_model(c, run_id, model, registered, {
-        **settings, "data.md5": tags[f"dvc.md5:{patches}"],
+        **settings, "data.md5": next(iter(data.values())),
         "dataset_sha256": store.source_sha256, "git.commit": tags["git.commit"],
-        "model_sha256": model_sha256(model),
-        "run_id": run_id})
+        "model_sha256": sha, "run_id": run_id})
     print(f"train: MLflow run {run_id}; registered {registered} version {version}")
 
 

@@ -71,6 +71,9 @@ def main(argv):
         print("out:" + " ".join(rest))
         print("err:" + " ".join(rest), file=sys.stderr)
         return 0
+    if cmd == "origin":
+        print(flows.launcher.__file__)
+        return 0
     if cmd == "info":
         print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(),
                           "env": os.environ.get(rest[0]), "argv": sys.argv[1:],
@@ -467,3 +470,23 @@ def test_stopping_finishes_running_commands(sfl):
     assert proc.stderr.read() == ""  # the status came from the server, as usual
     assert _wait_until(lambda: not _alive(info["pid"]))
     proc.stdout.close(), proc.stderr.close()
+
+
+def test_server_runs_the_installed_code_not_the_working_folders_copy(sfl, tmp_path):
+    """DVC runs queued experiments in copies of the project, with a `flows/` folder in the
+    working directory. The server must import the packages the client's key was computed
+    from, never the copy in the working folder (which `python -m` would put first)."""
+    copy = sfl.base / "copy"
+    shutil.copytree(Path(launcher.__file__).parent, copy / "flows")
+    (copy / "flows" / "launcher.py").write_text(
+        (copy / "flows" / "launcher.py").read_text() + "\n# a different copy\n")
+    # the client runs as the `saeflow` console script does: the working folder is not on
+    # its sys.path
+    console = "import sys; del sys.path[0]; " + CLIENT
+    proc = subprocess.run([launcher.sys.executable, "-c", console, "origin"], env=sfl.env,
+                          cwd=copy, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # served, no fallback notice
+    assert proc.stdout.strip() == launcher.__file__
+    (info,) = sfl.infos()
+    assert all(not r.startswith(str(copy)) for r in info.get("roots", []))

@@ -100,7 +100,9 @@ def test_missing_patch_store_is_one_line_and_writes_nothing(tmp_path, monkeypatc
     ("train", {"rho": 1.5}, "rho"),
     ("train", {"bogus": 1}, "unknown key"),
     ("evaluate", {"split": "nope"}, "split"),
-    ("evaluate", {"n_reconstructions": -1}, "n_reconstructions"),
+    ("evaluate", {"n_reconstructions": 0}, "n_reconstructions must be an integer >= 1"),
+    ("train", {"max_iter": "abc"}, r"params.yaml: train: max_iter"),
+    ("train", {"max_iter": None}, r"params.yaml: train: max_iter"),
 ])
 def test_bad_settings_fail_before_writing(two_runs, tmp_path, monkeypatch, section, change,
                                          message):
@@ -135,3 +137,40 @@ def test_empty_heldout_split_is_named(two_runs, tmp_path, monkeypatch):
         evaluate(str(two_runs[0]["model"]), str(store), *(str(tmp_path / f"o{i}")
                                                          for i in range(7)),
                  params_file=str(params))
+
+
+def test_mlflow_runs_across_stages(two_runs, tmp_path, monkeypatch):
+    """train opens a run and registers the model; evaluate adds to it; evaluate re-run with
+    other settings opens a finished continuation run pointing at the training run. Paths
+    may be given as ./relative (the md5 tags use DVC's normalised form)."""
+    import shutil
+
+    from flows import tracking
+    from flows.evaluate import evaluate
+    from flows.train import train
+
+    monkeypatch.setenv("SAEFLOW_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SAEFLOW_TRACKING", raising=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(two_runs[0]["patches"], tmp_path / "p.arrow")
+    params = _params(tmp_path)
+    train("./p.arrow", "model", "train.json", "loss.csv", params_file=str(params))
+    outs = [f"o{i}.png" if i != 1 else "units.parquet" for i in range(7)]
+    outs[0] = "sparsity.json"
+    outs[4] = "rho.csv"
+    evaluate("model", "./p.arrow", *outs, params_file=str(params))
+    changed = _params(tmp_path, evaluate={"n_reconstructions": 3})
+    evaluate("model", "p.arrow", *outs, params_file=str(changed))
+    c = tracking.client()
+    exp = c.get_experiment_by_name("saeflow")
+    first, second = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    assert first.data.tags["saeflow.stages"] == "train,evaluate"
+    assert first.data.tags["dvc.md5:p.arrow"] == tracking.md5_file(tmp_path / "p.arrow")
+    assert "sparsity/fvu" in first.data.metrics and "train/loss" in first.data.metrics
+    assert second.info.status == "FINISHED" and second.data.tags["saeflow.stages"] == "evaluate"
+    assert second.data.tags["saeflow.trained_in"] == first.info.run_id
+    assert second.data.tags["git.commit"] and second.data.params["evaluate.n_reconstructions"] \
+        == "3"
+    (version,) = c.search_model_versions("name = 'saeflow-sae'")
+    assert version.run_id == first.info.run_id and version.tags["beta"] == "3.0"
