@@ -156,3 +156,20 @@ def test_default_store_is_absolute_sqlite_in_the_project(tmp_path, monkeypatch):
 
 def test_stage_table_names_are_unique():
     assert len(BY_NAME) == len(STAGES)
+
+
+def test_params_yaml_lists_every_setting():
+    """So that `dvc exp run -S section.key=...` can set any of them (DVC refuses keys that
+    are not in the file) and each appears in the MLflow params."""
+    import dataclasses
+
+    from sae_core.config import SAEConfig
+    from sae_core.patches import PatchConfig
+    from sae_core.score import ScoreConfig
+
+    for section, cls in (("train", SAEConfig), ("score", ScoreConfig),
+                         ("patches", PatchConfig)):
+        assert set(PARAMS[section]) == {f.name for f in dataclasses.fields(cls)}, section
+        # the file's values are the library's defaults, but for the held-out patches
+        held_out = {"n_patches": 12500, "heldout_fraction": 0.2} if section == "patches" else {}
+        assert cls.from_dict(PARAMS[section]) == cls(**held_out), section
