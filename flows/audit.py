@@ -73,16 +73,9 @@ def matches(row: dict, flt) -> bool:
 def audit_rows(model: str | None = None, filters=(), params_file: str = "params.yaml",
                uri: str | None = None) -> list[dict]:
     """The rows, newest version first, keeping those that match every filter."""
-    import os
+    from flows.stage_support import tracking_settings_of
 
-    from flows.stage_support import tracking_settings
-
-    params = {}
-    if os.path.exists(params_file):
-        from flows.params import load_params
-
-        params = load_params(params_file)
-    experiment, registered = tracking_settings(params)
+    experiment, registered = tracking_settings_of(params_file)
     name = model or registered
     c = tracking.client(uri, create=False)
     from mlflow.exceptions import MlflowException

@@ -183,17 +183,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     if launcher.use_server():
         return launcher.run_in_server(args.argv)
-    import os
-
     from flows.report import report_flow
-    from flows.stage_support import tracking_settings
+    from flows.stage_support import tracking_settings_of
 
-    params = {}
-    if os.path.exists(args.params):
-        from flows.params import load_params
-
-        params = load_params(args.params)
-    experiment, _ = tracking_settings(params)
+    experiment, _ = tracking_settings_of(args.params)
     _run_flow(report_flow, out=args.out, run_ids=args.run, where=args.where, last=args.last,
               experiment=experiment)
     return 0

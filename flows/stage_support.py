@@ -42,6 +42,13 @@ def tracking_settings(params: dict) -> tuple[str, str]:
     return str(t.get("experiment", "saeflow")), str(t.get("registered_model", "saeflow-sae"))
 
 
+def tracking_settings_of(params_file: str | os.PathLike) -> tuple[str, str]:
+    """:func:`tracking_settings` of a params file; the defaults when there is none (the
+    read-only commands, audit and report, also work outside a project folder)."""
+    params = load_params(params_file) if os.path.exists(params_file) else {}
+    return tracking_settings(params)
+
+
 @contextmanager
 def compute_timer(stage: str) -> Iterator[dict]:
     """Times the stage's own work (reading, maths, writing its outputs) — not imports,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_core.io import atomic_path, sha256_file, write_json
+from sae_core.io import sha256_file, write_json, write_tagged_parquet
 
 DATASET_FORMAT_VERSION = 1
 _META_KEY = b"saeflow"
@@ -259,23 +259,9 @@ def write_dataset(
     (id -> count), skipped files, inputs (path -> sha256), pixel_min/pixel_max, and the
     Parquet file's name and sha256. Both writes are atomic. Returns the manifest.
     """
-    import pyarrow.parquet as pq
-
     table = _to_table(imageset)
     parquet_path = Path(parquet_path)
-    with atomic_path(parquet_path) as tmp:
-        # No timestamps are written; fixed settings make the bytes a function of the data.
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            compression_level=3,
-            use_dictionary=True,
-            write_statistics=False,
-            row_group_size=4096,
-            version="2.6",
-            data_page_version="1.0",
-        )
+    write_tagged_parquet(parquet_path, table, use_dictionary=True, row_group_size=4096)
     content = manifest(imageset)
     content["parquet"] = {"file": parquet_path.name, "sha256": sha256_file(parquet_path)}
     write_json(manifest_path, content)

@@ -122,6 +122,20 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
+def write_tagged_parquet(path: str | os.PathLike, table: Any, *, use_dictionary: bool,
+                         row_group_size: int | None = None) -> None:
+    """Write a pyarrow table (its schema carrying saeflow's JSON metadata) as Parquet,
+    atomically, with fixed settings and no timestamps: the bytes are a function of the
+    table (for a given pyarrow version). Read back with :func:`read_tagged_parquet`."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", compression_level=3,
+                       use_dictionary=use_dictionary, write_statistics=False,
+                       row_group_size=row_group_size, version="2.6", data_page_version="1.0",
+                       store_schema=True)
+
+
 def read_tagged_parquet(path: str | os.PathLike, meta_key: bytes, schema: Any,
                         format_version: int, what: str) -> tuple[Any, dict]:
     """Read a Parquet file that saeflow wrote with ``schema`` and JSON metadata under

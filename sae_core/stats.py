@@ -522,9 +522,8 @@ def write_per_unit(path: str | os.PathLike, stats: SparsityStats) -> None:
     import json
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from sae_core.io import atomic_path
+    from sae_core.io import write_tagged_parquet
 
     if not isinstance(stats, SparsityStats):
         raise ValueError(f"stats must be a SparsityStats; got {type(stats).__name__}")
@@ -543,18 +542,7 @@ def write_per_unit(path: str | os.PathLike, stats: SparsityStats) -> None:
         *(pa.array(np.asarray(columns[c], dtype=np.float64)) for c in PER_UNIT_COLUMNS[1:]),
     ]
     table = pa.Table.from_arrays(arrays, schema=schema)
-    with atomic_path(path) as tmp:
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            compression_level=3,
-            use_dictionary=False,
-            write_statistics=False,
-            version="2.6",
-            data_page_version="1.0",
-            store_schema=True,
-        )
+    write_tagged_parquet(path, table, use_dictionary=False)
 
 
 def read_per_unit(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
