@@ -100,13 +100,18 @@ def experiment_id(c, name: str, root: Path | None = None) -> str:
         return c.create_experiment(name, artifact_location=location)
 
 
-def flatten(params: dict[str, Any]) -> dict[str, str]:
-    """params.yaml as MLflow params: ``section.key`` -> string (lists as JSON; an empty
-    section gives no param)."""
-    from sae_core.report import flatten as nested_keys
-
-    return {k: json.dumps(v, sort_keys=True) if isinstance(v, (list, tuple)) else str(v)
-            for k, v in nested_keys(params).items() if not isinstance(v, dict)}
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """params.yaml as MLflow params: ``section.key`` -> string (lists/mappings as JSON)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value, sort_keys=True)
+        else:
+            out[name] = str(value)
+    return out
 
 
 def md5_file(path: str | os.PathLike) -> str:
