@@ -1,6 +1,7 @@
 """The parent flow: the five stage flows in order, in one process, for Prefect-driven runs
 (schedules, deployments). Paths come from dvc.yaml; afterwards ``dvc commit`` records the
-new outputs in dvc.lock, so DVC and Prefect runs agree on what is up to date."""
+new outputs in dvc.lock, so DVC and Prefect runs agree on what is up to date, and ``push``
+sends them to the default DVC remote, where a teammate's ``dvc pull`` finds them."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from flows.stages import STAGES
 
 @flow(name="saeflow-pipeline", log_prints=False, persist_result=False)
 def pipeline_flow(params_file: str = "params.yaml", dvc_yaml: str = "dvc.yaml",
-                  record_in_dvc: bool = True) -> dict:
+                  record_in_dvc: bool = True, push: bool = False) -> dict:
     """ingest -> patches -> train -> evaluate -> score, each as a subflow; returns each
-    stage's result. ``record_in_dvc``: run ``dvc commit`` at the end (if DVC is set up)."""
+    stage's result. ``record_in_dvc``: run ``dvc commit`` at the end (if DVC is set up);
+    ``push``: then ``dvc push`` to the default remote."""
     if record_in_dvc and (Path(params_file).resolve() != Path("params.yaml").resolve()
                           or Path(dvc_yaml).resolve() != Path("dvc.yaml").resolve()):
         # dvc.lock would record params.yaml's values for outputs made from other settings
@@ -43,4 +45,7 @@ def pipeline_flow(params_file: str = "params.yaml", dvc_yaml: str = "dvc.yaml",
     if record_in_dvc and os.path.isdir(".dvc"):
         subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], check=True)
         print("pipeline: outputs recorded in dvc.lock (dvc commit)")
+        if push:
+            subprocess.run([sys.executable, "-m", "dvc", "push", "--quiet"], check=True)
+            print("pipeline: outputs pushed to the default DVC remote (dvc push)")
     return results

@@ -14,7 +14,8 @@ from typing import Any
 from flows.params import load_params, section
 
 TIMINGS_ENV = "SAEFLOW_TIMINGS"
-"""If set, each stage appends {"stage", "seconds"} (its own compute) to this JSON-lines file."""
+"""If set, each stage appends its own compute time (and the modules it loaded) to this
+JSON-lines file (benchmarks/overhead.py)."""
 TRACKING_ENV = "SAEFLOW_TRACKING"
 """Set to 0/off/false to run the stages without recording to MLflow."""
 
@@ -52,17 +53,30 @@ def tracking_settings_of(params_file: str | os.PathLike) -> tuple[str, str]:
 @contextmanager
 def compute_timer(stage: str) -> Iterator[dict]:
     """Times the stage's own work (reading, maths, writing its outputs) — not imports,
-    Prefect or MLflow — and appends it to ``$SAEFLOW_TIMINGS`` when that is set."""
+    Prefect or MLflow. With ``$SAEFLOW_TIMINGS`` set, the process appends, at its exit,
+    the seconds and the modules it had loaded when the work began, when it ended and at
+    exit, so that benchmarks/overhead.py can time the stage's imports apart."""
+    import atexit
+    import sys
+
     box: dict[str, Any] = {}
+    target = os.environ.get(TIMINGS_ENV)
+    before = list(sys.modules) if target else []
     start = time.perf_counter()
     try:
         yield box
     finally:
         box["seconds"] = time.perf_counter() - start
-        target = os.environ.get(TIMINGS_ENV)
         if target:
-            with open(target, "a") as fh:
-                fh.write(json.dumps({"stage": stage, "seconds": box["seconds"]}) + "\n")
+            after = list(sys.modules)
+
+            def record() -> None:
+                with open(target, "a") as fh:
+                    fh.write(json.dumps({"stage": stage, "seconds": box["seconds"],
+                                         "modules_before": before, "modules_after": after,
+                                         "modules_at_exit": list(sys.modules)}) + "\n")
+
+            atexit.register(record)
 
 
 def prefect_tags(stage: str) -> dict[str, str]:

@@ -52,12 +52,3 @@ STAGES: tuple[Stage, ...] = (
 )
 BY_NAME = {s.name: s for s in STAGES}
 
-
-def preload() -> list[str]:
-    """Modules the stage server imports once, before it forks a process per stage."""
-    return [s.module for s in STAGES] + [
-        "flows.pipeline", "flows.report", "flows.tracking", "prefect.artifacts",
-        "mlflow.pyfunc", "sae_core.estimator",
-        "sae_core.stats", "sae_core.plots", "sae_core.score", "sae_core.features",
-        "sae_core.patch_store", "sae_core.patches", "sae_core.dataset", "sae_core.sources",
-        "sklearn.linear_model", "matplotlib.pyplot"]

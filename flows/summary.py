@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from flows.project import pipeline_paths, project_root
+from flows.tracking import default_uri
 
 
 def _load(path: str) -> dict:
@@ -14,6 +15,15 @@ def _load(path: str) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def mlflow_ui(uri: str) -> list[str]:
+    """How to open the MLflow UI on the store in use: a tracking server is its own UI."""
+    where = "(experiment 'saeflow', model 'saeflow-sae')"
+    if uri.startswith(("http://", "https://")):
+        return [f"  MLflow UI   {uri}   {where}"]
+    return [f"  MLflow UI   .venv/bin/mlflow ui --backend-store-uri {uri}",
+            f"              then open http://127.0.0.1:5000 {where}"]
 
 
 def summary_text(dvc_yaml: str = "dvc.yaml") -> str:
@@ -46,13 +56,10 @@ def summary_text(dvc_yaml: str = "dvc.yaml") -> str:
                      f"{score.get('raw_macro_f1', 0):.4f})")
     lines += [
         "",
-        "  MLflow UI   .venv/bin/mlflow ui --backend-store-uri "
-        f"sqlite:///{root / 'mlflow.db'}",
-        "              then open http://127.0.0.1:5000 (experiment 'saeflow', model "
-        "'saeflow-sae')",
+        *mlflow_ui(default_uri(root)),
         "  audit       .venv/bin/saeflow audit        (which settings made which model)",
-        "  Prefect UI  .venv/bin/saeflow server status  (shows the Prefect URL of the stage "
-        "server)",
+        "  Prefect UI  .venv/bin/saeflow server status  (the Prefect server's UI address, and "
+        "every service in use)",
         "  sweep       .venv/bin/dvc exp run -S train.beta=1   (or --queue, then dvc queue "
         "start)",
         "",

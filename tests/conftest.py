@@ -76,3 +76,38 @@ def python() -> str:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """The local persistent Prefect server, as saeflow starts it, in a Prefect home and on a
+    port of the test session's own; stopped (and checked gone) at the end. Yields the
+    environment variables that point saeflow at it."""
+    from support import BIN, clean_env, free_port, run
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    settings = {"PREFECT_HOME": str(home), "PREFECT_SERVER_API_PORT": str(free_port())}
+    env = clean_env(**settings)
+    run([BIN / "saeflow", "server", "start"], home, env, timeout=300)
+    pid = int((home / "server.pid").read_text())
+    yield settings
+    run([BIN / "saeflow", "server", "stop"], home, env, timeout=120)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text(
+    ).split(")")[-1].split()[0], "the Prefect server outlived `saeflow server stop`"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """PostgreSQL for the team-mode tests: a skip with the reason on a machine without it,
+    a failure on CI (whose .ci/run starts it)."""
+    import os
+
+    from support import PG_URL, postgres_problem
+
+    problem = postgres_problem()
+    if problem is not None:
+        message = f"PostgreSQL at {PG_URL} does not answer: {problem}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return PG_URL

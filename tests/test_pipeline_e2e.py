@@ -7,22 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from support import BIN, clean_env, copy_project, run
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SMALL = {
-    "patches": {"n_patches": 1250, "heldout_fraction": 0.2},
-    "train": {"max_iter": 40},
-}
 DESIGN_KEYS = {
     "train": {"loss", "reconstruction", "weight_decay", "sparsity", "iterations", "seconds"},
     "sparsity": {"rho", "rho_hat_mean", "rho_hat_min", "rho_hat_max", "frac_units_near_target",
@@ -31,51 +23,18 @@ DESIGN_KEYS = {
 }
 
 
-def _project_files() -> list[str]:
-    """What a clone of the project holds: tracked files plus new, not-ignored ones."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [f for f in out.splitlines() if (ROOT / f).is_file()]
-
-
 def _run(cmd, cwd, env, timeout=900):
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done
+    return run(cmd, cwd, env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("project")
-    for f in _project_files():
-        dest = root / f
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, dest)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in SMALL.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    runtime = tmp_path_factory.mktemp("runtime")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "PREFECT_", "SAEFLOW_", "DVC_"))}
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "PREFECT_HOME": str(runtime / "prefect"),
-        "SAEFLOW_RUNTIME_DIR": str(runtime / "servers"),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
-        "DVC_NO_ANALYTICS": "1",
-    })
-    _run(["git", "init", "-q", "-b", "main"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-q", "-m", "project"], root, env)
+def project(tmp_path_factory, prefect_server):
+    env = clean_env(**prefect_server)
+    root = copy_project(tmp_path_factory.mktemp("project"), env=env)
     start = time.perf_counter()
     first = _run([str(BIN / "dvc"), "repro"], root, env)
     seconds = time.perf_counter() - start
-    yield {"root": root, "env": env, "first": first, "seconds": seconds}
-    subprocess.run([str(BIN / "saeflow"), "server", "stop"], cwd=root, env=env,
-                   capture_output=True, timeout=60)
+    return {"root": root, "env": env, "first": first, "seconds": seconds}
 
 
 def _paths(root: Path) -> dict[str, str]:
@@ -215,15 +174,23 @@ def test_queued_experiments_land_in_the_project_store(project):
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
-def test_prefect_driven_run_is_recorded_in_mlflow_and_dvc(project):
-    """`saeflow pipeline`: the stages as subflows of one Prefect flow run, then dvc commit."""
+def test_prefect_driven_run_is_recorded_in_mlflow_and_dvc(project, tmp_path):
+    """`saeflow pipeline --push`: the stages as subflows of one Prefect flow run, then dvc
+    commit, then dvc push to the default remote."""
     root, env = project["root"], project["env"]
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["max_iter"] = 41  # a change, so that DVC would re-run train
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    remote = tmp_path / "remote"
+    _run([str(BIN / "dvc"), "remote", "add", "--local", "-d", "mine", str(remote)], root, env)
     before = len(_runs(root))
-    done = _run([str(BIN / "saeflow"), "pipeline"], root, env)
-    assert "dvc commit" in done.stdout
+    done = _run([str(BIN / "saeflow"), "pipeline", "--push"], root, env)
+    assert "dvc commit" in done.stdout and "dvc push" in done.stdout
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    model = next(o for o in lock["train"]["outs"] if o["path"] == _paths(root)["model"])
+    listing = remote / "files" / "md5" / model["md5"][:2] / model["md5"][2:]
+    assert listing.is_file(), "the model's directory listing is not in the remote"
+    _run([str(BIN / "dvc"), "remote", "remove", "--local", "mine"], root, env)
     runs = _runs(root)
     assert len(runs) == before + 1
     tags = runs[-1].data.tags

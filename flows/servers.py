@@ -1,0 +1,381 @@
+"""The services a pipeline run talks to, and the one saeflow may start: Prefect's own
+persistent server.
+
+Local (the default, one user):
+
+- Prefect: when ``PREFECT_API_URL`` is unset, one persistent Prefect server per Prefect home
+  (``PREFECT_HOME``, default ``~/.prefect``), started on first use with Prefect's own
+  background mode (``prefect server start --background``) on 127.0.0.1, port
+  ``PREFECT_SERVER_API_PORT`` (default 4200), and stopped with ``prefect server stop``.
+  saeflow keeps no process of its own: the server is Prefect's, its pid file is Prefect's.
+- MLflow: a SQLite file in the project (:mod:`flows.tracking`).
+
+Team (the same code; environment variables and ``dvc remote`` only): ``PREFECT_API_URL`` +
+``PREFECT_API_AUTH_STRING``, ``MLFLOW_TRACKING_URI`` + ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD``, and a default DVC remote.
+
+No saeflow process ever starts Prefect's temporary per-process ("ephemeral") server:
+:func:`use_prefect` turns that mode off before Prefect is imported, so a missing API URL is
+an error, never a silent 5-8 s server per process.
+
+Standard library only (it runs before Prefect is imported, and in ``saeflow server``).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFECT_DEFAULTS = {
+    # never start the temporary per-process server (Prefect's default profile allows it)
+    "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false",
+    # offline machines otherwise log telemetry failures
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # the stages print their own one-line summaries; Prefect's per-run INFO lines are noise
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}
+LOCAL_HOST = "127.0.0.1"
+DEFAULT_PORT = 4200  # Prefect's own default
+START_TIMEOUT_S = 120.0
+"""A fresh Prefect database is migrated on first start: 11 s on a quiet 2-core machine."""
+PID_FILE = "server.pid"  # Prefect's name for its background server's pid file
+
+
+class ServiceError(RuntimeError):
+    """A service cannot be started or reached (reported in one line)."""
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def local_port() -> int:
+    raw = os.environ.get("PREFECT_SERVER_API_PORT", str(DEFAULT_PORT))
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise ValueError(f"PREFECT_SERVER_API_PORT={raw!r}: not a port number")
+    return port
+
+
+def local_api_url() -> str:
+    return f"http://{LOCAL_HOST}:{local_port()}/api"
+
+
+def ui_url(api_url: str) -> str:
+    return api_url.rstrip("/").removesuffix("/api")
+
+
+def _auth_header(auth: str | None) -> dict[str, str]:
+    if not auth:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+
+
+def _request(url: str, *, auth: str | None = None, data: dict | None = None,
+             timeout: float = 3.0) -> tuple[int, str]:
+    """(HTTP status, body) of a GET (or a JSON POST when ``data`` is given); status 0 with the
+    reason when nothing answered."""
+    body = None if data is None else json.dumps(data).encode()
+    headers = {**_auth_header(auth), **({"Content-Type": "application/json"} if body else {})}
+    req = urllib.request.Request(url, data=body, headers=headers,
+                                 method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # http(s) URLs only
+            return resp.status, resp.read(2000).decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.reason or ""
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return 0, " ".join(str(reason).split()) or type(exc).__name__
+
+
+def prefect_problem(api_url: str, auth: str | None = None, timeout: float = 3.0) -> str | None:
+    """None if the Prefect API answers (and, where an auth string is given or required,
+    accepts it); else what is wrong, in a few words."""
+    status, reason = _request(api_url.rstrip("/") + "/health", timeout=timeout)
+    if status != 200:
+        return f"no answer ({reason})" if status == 0 else f"health check: HTTP {status}"
+    # /health is public; a read of the API shows whether the credentials are accepted
+    status, reason = _request(api_url.rstrip("/") + "/flows/filter", auth=auth,
+                              data={"limit": 1}, timeout=timeout)
+    if status in (401, 403):
+        return (f"HTTP {status}: credentials refused" if auth else
+                f"HTTP {status}: the server needs credentials (set PREFECT_API_AUTH_STRING)")
+    if status != 200:
+        return f"HTTP {status} {reason}".strip() if status else f"no answer ({reason})"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie has exited: it only waits for its parent to collect it
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _read_pid(home: Path) -> int | None:
+    try:
+        return int((home / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _prefect_cli(*args: str, env: dict[str, str], cwd: Path,
+                 timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """``prefect ARGS`` with this interpreter, in its own session: the background server
+    it may start must not get the terminal's Ctrl-C meant for a stage."""
+    return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=cwd,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
+
+
+def _server_env(home: Path) -> dict[str, str]:
+    """The environment of the local server: this one, less what belongs to a client or a
+    run (an API URL, DVC's and saeflow's per-run variables), on loopback."""
+    drop = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY")
+    env = {k: v for k, v in os.environ.items()
+           if k not in drop and not k.startswith(("DVC_", "SAEFLOW_"))}
+    env.update(PREFECT_DEFAULTS)
+    env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": LOCAL_HOST,
+                "PREFECT_SERVER_API_PORT": str(local_port()),
+                "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"})
+    return env
+
+
+@contextlib.contextmanager
+def _start_lock(home: Path):
+    """One starter at a time: eight stages that find no server start one, not eight."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "saeflow-server.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def start_local(timeout: float = START_TIMEOUT_S) -> tuple[str, bool]:
+    """Make sure the local persistent Prefect server answers; (API URL, started now)."""
+    url, home = local_api_url(), prefect_home()
+    if prefect_problem(url, timeout=1.0) is None:
+        return url, False
+    with _start_lock(home):
+        if prefect_problem(url, timeout=1.0) is None:
+            return url, False
+        pid = _read_pid(home)
+        if pid is not None and not _pid_alive(pid):
+            (home / PID_FILE).unlink(missing_ok=True)  # left by a reboot or a kill -9
+            pid = None
+        if pid is None:
+            done = _prefect_cli("server", "start", "--background", "--host", LOCAL_HOST,
+                                "--port", str(local_port()), env=_server_env(home), cwd=home)
+            pid = _read_pid(home)
+            if done.returncode != 0 or pid is None:
+                lines = [ln.strip() for ln in (done.stdout + done.stderr).splitlines()
+                         if ln.strip()]
+                why = lines[-1] if lines else f"exit status {done.returncode}"
+                raise ServiceError(f"could not start the Prefect server at {url}: {why} "
+                                   "(another port: PREFECT_SERVER_API_PORT)")
+        # else: a server of this home is starting (its pid file is Prefect's): wait for it
+        deadline = time.monotonic() + timeout
+        while (problem := prefect_problem(url, timeout=1.0)) is not None:
+            if not _pid_alive(pid):
+                (home / PID_FILE).unlink(missing_ok=True)
+                raise ServiceError(f"the Prefect server at {url} exited while starting; run "
+                                   f"`prefect server start --port {local_port()}` to see why")
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the Prefect server at {url} did not answer within "
+                                   f"{timeout:.0f} s ({problem})")
+            time.sleep(0.2)
+    return url, True
+
+
+def stop_local(timeout: float = 30.0) -> int | None:
+    """Stop the local server with ``prefect server stop``; waits until it has exited (so
+    the port is free). Returns its pid, or None if none was running."""
+    home = prefect_home()
+    pid = _read_pid(home)
+    if pid is None or not _pid_alive(pid):
+        (home / PID_FILE).unlink(missing_ok=True)
+        return None
+    _prefect_cli("server", "stop", env=_server_env(home), cwd=home)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    return pid
+
+
+def use_prefect() -> str:
+    """Prepare this process for Prefect (call before importing it): the defaults above,
+    and an API URL: ``PREFECT_API_URL`` if set (a team server), else the local persistent
+    server, started if it is not running. Returns the URL."""
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url
+    url, started = start_local()
+    if started:
+        print(f"saeflow: started the Prefect server at {url} (UI {ui_url(url)}; "
+              "`saeflow server stop` stops it)", file=sys.stderr)
+    os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+# --- status of every configured service -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    service: str
+    where: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.service:10s} {'ok  ' if self.ok else 'FAIL'} {self.where}  {self.detail}"
+
+
+def prefect_status() -> ServiceStatus:
+    team = os.environ.get("PREFECT_API_URL")
+    if team:
+        problem = prefect_problem(team, os.environ.get("PREFECT_API_AUTH_STRING"))
+        return ServiceStatus("Prefect", team, problem is None,
+                             f"UI {ui_url(team)}" if problem is None else problem)
+    url, home = local_api_url(), prefect_home()
+    problem = prefect_problem(url)
+    pid = _read_pid(home)
+    if problem is None:
+        owner = f"pid {pid}" if pid and _pid_alive(pid) else "not started by this home"
+        return ServiceStatus("Prefect", url, True, f"UI {ui_url(url)}; local persistent "
+                             f"server ({owner}, PREFECT_HOME {home})")
+    return ServiceStatus("Prefect", url, True, "local server not running (it starts on "
+                         "first use, or with `saeflow server start`)")
+
+
+def mlflow_status(uri: str) -> ServiceStatus:
+    """Whether the tracking store answers: a SQLite file is read (read-only), a server is
+    asked for one experiment with the credentials of the environment, a database is
+    connected to."""
+    if uri.startswith(("http://", "https://")):
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+        auth = f"{user}:{password}" if user else None
+        # a basic-auth server checks a password hash per request: allow it time
+        status, reason = _request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
+                                  "?max_results=1", auth=auth, timeout=15.0)
+        if status == 200:
+            return ServiceStatus("MLflow", uri, True, "tracking server" +
+                                 (f" (user {user})" if user else ""))
+        if status in (401, 403):
+            hint = ("credentials refused" if auth else "the server needs credentials (set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)")
+            return ServiceStatus("MLflow", uri, False, f"HTTP {status}: {hint}")
+        return ServiceStatus("MLflow", uri, False, f"no answer ({reason})" if status == 0
+                             else f"HTTP {status} {reason}".strip())
+    if uri.startswith("sqlite:///"):
+        import sqlite3
+
+        db = Path(uri[len("sqlite:///"):])
+        if not db.exists():
+            return ServiceStatus("MLflow", uri, True, "local store (created on first run)")
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            try:
+                tables = {r[0] for r in con.execute(
+                    "select name from sqlite_master where type='table'")}
+            finally:
+                con.close()
+        except sqlite3.Error as exc:
+            return ServiceStatus("MLflow", uri, False, f"cannot read: {exc}")
+        if "experiments" not in tables or "alembic_version" not in tables:
+            return ServiceStatus("MLflow", uri, False, "not an MLflow store")
+        return ServiceStatus("MLflow", uri, True, "local store")
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri, connect_args=_connect_timeout(uri))
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("select 1"))
+        engine.dispose()
+    except Exception as exc:
+        text = " ".join(str(exc).split("\n")[0].split())
+        return ServiceStatus("MLflow", _redact(uri), False, f"cannot connect: {text}")
+    return ServiceStatus("MLflow", _redact(uri), True, "database store")
+
+
+def _connect_timeout(uri: str) -> dict:
+    return {"connect_timeout": 5} if uri.startswith("postgresql") else {}
+
+
+def _redact(uri: str) -> str:
+    """A URI without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def dvc_status(root: Path) -> ServiceStatus:
+    """The project's default DVC remote, and whether it can be listed."""
+    from flows.lineage import default_remote
+
+    try:
+        remote = default_remote(root)
+    except ValueError as exc:
+        return ServiceStatus("DVC remote", str(root), False, str(exc))
+    if remote is None:
+        return ServiceStatus("DVC remote", "-", True, "none configured (local cache only; "
+                             "a team adds one with `dvc remote add -d NAME URL`)")
+    name, url = remote
+    problem = remote_problem(root, name)
+    return ServiceStatus("DVC remote", url, problem is None,
+                         f"remote {name!r}" if problem is None else problem)
+
+
+def remote_problem(root: Path, name: str) -> str | None:
+    """None if DVC can reach the remote ``name``; else why not."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            odb = repo.cloud.get_remote_odb(name)
+            if odb.fs.protocol == "local":
+                # dvc push creates the folder: its nearest existing ancestor must be writable
+                folder = Path(odb.path)
+                while not folder.exists() and folder != folder.parent:
+                    folder = folder.parent
+                if not os.access(folder, os.W_OK):
+                    return f"{odb.path}: not writable"
+            else:
+                odb.fs.exists(odb.path)  # reaches the remote; raises when it cannot
+    except Exception as exc:
+        return " ".join(str(exc).split()) or type(exc).__name__
+    return None

@@ -1,0 +1,253 @@
+"""The local persistent Prefect server (Prefect's own background mode), the guard against
+Prefect's temporary per-process server, `saeflow server status`, stages that import only
+what they use, and `saeflow schedule` registering its schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support import BIN, clean_env, copy_project, free_port, run, wait_for
+
+from flows import servers
+
+
+def _server_pid(home: Path) -> int:
+    return int((home / "server.pid").read_text())
+
+
+def test_ephemeral_mode_is_off_so_a_missing_url_is_an_error(subprocess_env):
+    """Prefect's default profile allows the temporary per-process server; saeflow's
+    defaults must turn it off (a renamed setting would silently bring it back)."""
+    code = ("import os\nfrom flows import servers\n"
+            "os.environ.pop('PREFECT_API_URL', None)\n"
+            "for k, v in servers.PREFECT_DEFAULTS.items(): os.environ[k] = v\n"
+            "from prefect.client.orchestration import get_client\n"
+            "try:\n    get_client(sync_client=True)\nexcept ValueError as e:\n"
+            "    print('refused:', e)\n")
+    env = {k: v for k, v in subprocess_env.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "true"  # as Prefect's default profile
+    env["PREFECT_HOME"] = "/nonexistent-home"  # no profile of the user's either
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert "refused: No Prefect API URL provided" in done.stdout, done.stdout + done.stderr
+
+
+def test_team_url_is_used_as_is(monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+    monkeypatch.delenv("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", raising=False)
+    assert servers.use_prefect() == "http://127.0.0.1:1/api"
+    assert os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] == "false"
+
+
+def test_local_server_is_one_persistent_prefect_server(prefect_server):
+    home = Path(prefect_server["PREFECT_HOME"])
+    env = clean_env(**prefect_server)
+    pid = _server_pid(home)
+    url = f"http://127.0.0.1:{prefect_server['PREFECT_SERVER_API_PORT']}/api"
+    assert servers.prefect_problem(url) is None
+    # started by Prefect's background mode: Prefect's own uvicorn app, on loopback only
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"prefect.server.api.server:create_app" in cmdline
+    assert cmdline[cmdline.index(b"--host") + 1] == b"127.0.0.1"
+    # in its own session: a Ctrl-C in the terminal that started it does not reach it
+    assert os.getsid(pid) != os.getsid(0)
+    again = run([BIN / "saeflow", "server", "start"], home, env)
+    assert "already running" in again.stdout and _server_pid(home) == pid
+    status = run([BIN / "saeflow", "server", "status"], home, env)
+    assert f"{url}  UI {url.removesuffix('/api')}; local persistent server (pid {pid}" in (
+        status.stdout)
+    assert "MLflow" in status.stdout and "DVC remote" in status.stdout
+
+
+def test_concurrent_first_use_starts_one_server(tmp_path):
+    """Four commands that find no server at once start one (a file lock), and all use it."""
+    settings = {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_API_PORT":
+                str(free_port())}
+    env = clean_env(**settings)
+    procs = [subprocess.Popen([BIN / "saeflow", "server", "start"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, outs
+        said = [o[0] for o in outs]
+        assert sum("started" in s for s in said) == 1, said
+        assert sum("already running" in s for s in said) == 3, said
+        pid = _server_pid(tmp_path / "home")
+        port = settings["PREFECT_SERVER_API_PORT"]
+        listeners = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True,
+                                   text=True).stdout
+        ours = [ln for ln in listeners.splitlines()
+                if "prefect.server.api.server:create_app" in ln and f"--port {port}" in ln]
+        assert len(ours) == 1 and ours[0].split()[0] == str(pid), ours
+    finally:
+        stop = run([BIN / "saeflow", "server", "stop"], tmp_path, env)
+    assert f"pid {pid}" in stop.stdout
+    wait_for(lambda: not servers._pid_alive(pid), 30, "server exit")
+    assert not (tmp_path / "home" / "server.pid").exists()
+    again = run([BIN / "saeflow", "server", "stop"], tmp_path, env)
+    assert "no local Prefect server running" in again.stdout
+
+
+def test_a_stale_pid_file_is_replaced(tmp_path, monkeypatch):
+    """After a reboot or a kill -9 Prefect's pid file names a dead process, and Prefect
+    itself would refuse to start ("already running"); saeflow clears it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (home / "server.pid").write_text(str(dead.pid))
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.setenv("PREFECT_SERVER_API_PORT", str(free_port()))
+    url, started = servers.start_local()
+    try:
+        assert started and servers.prefect_problem(url) is None
+        assert _server_pid(home) != dead.pid
+    finally:
+        pid = servers.stop_local()
+    assert pid is not None and not servers._pid_alive(pid)
+
+
+def test_a_taken_port_is_one_line_and_starts_no_temporary_server(tmp_path):
+    """Something else listens on the port: the stage fails in one line naming the port,
+    before writing anything, and no Prefect server of any kind is left behind."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        env = clean_env(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_API_PORT=str(port))
+        project = copy_project(tmp_path / "p", git=False)
+        done = run([BIN / "saeflow", "stage", "ingest", "--images", "i.parquet",
+                    "--images-manifest", "i.json"], project, env, check=False, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saeflow: error: could not start the "
+                                                   f"Prefect server at http://127.0.0.1:{port}")
+    assert "PREFECT_SERVER_API_PORT" in lines[0]
+    assert not (project / "i.parquet").exists()
+    assert not (tmp_path / "home" / "server.pid").exists()
+
+
+def test_status_names_each_unreachable_service_in_one_line(tmp_path):
+    dead = free_port()
+    env = clean_env(PREFECT_API_URL=f"http://127.0.0.1:{dead}/api",
+                    MLFLOW_TRACKING_URI=f"http://127.0.0.1:{dead}")
+    done = run([BIN / "saeflow", "server", "status"], tmp_path, env, check=False)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    prefect = next(ln for ln in lines if ln.startswith("Prefect"))
+    mlflow = next(ln for ln in lines if ln.startswith("MLflow"))
+    assert "FAIL" in prefect and f"127.0.0.1:{dead}/api" in prefect and "refused" in prefect
+    assert "FAIL" in mlflow and "refused" in mlflow
+    assert "Traceback" not in done.stderr
+
+
+def test_status_refuses_a_foreign_sqlite_file(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "mine.db"
+    with sqlite3.connect(db) as con:
+        con.execute("create table notes (text)")
+    env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}",
+                    PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")
+    done = run([BIN / "saeflow", "server", "status"], tmp_path, env, check=False)
+    assert "not an MLflow store" in done.stdout and done.returncode == 1
+
+
+STAGE_ARGS = {
+    "ingest": ["--images", "d/images.parquet", "--images-manifest", "d/images.json",
+               "--labeled", "d/labeled.parquet", "--labeled-manifest", "d/labeled.json"],
+    "patches": ["--images", "d/images.parquet", "--patches", "d/patches.arrow",
+                "--transform", "d/transform.safetensors"],
+    "train": ["--patches", "d/patches.arrow", "--model", "m", "--train-metrics", "t.json",
+              "--loss-csv", "loss.csv"],
+    "evaluate": ["--model", "m", "--patches", "d/patches.arrow", "--sparsity-metrics",
+                 "s.json", "--units", "u.parquet", "--filters-png", "f.png", "--rho-hat-png",
+                 "r.png", "--rho-hat-csv", "r.csv", "--loss-png", "l.png",
+                 "--reconstructions-png", "rec.png"],
+    "score": ["--model", "m", "--labeled", "d/labeled.parquet", "--transform",
+              "d/transform.safetensors", "--patches", "d/patches.arrow", "--score-metrics",
+              "sc.json"],
+}
+NEVER = {"ingest": {"torch", "mlflow"}, "patches": {"torch", "mlflow"},
+         "train": {"matplotlib"}}
+PROBE = ("import atexit, json, sys\n"
+         "atexit.register(lambda: print('MODULES', json.dumps(sorted({m.split('.')[0] "
+         "for m in sys.modules}))))\n"
+         "from flows.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+
+
+def test_each_stage_runs_in_its_own_process_importing_only_what_it_uses(prefect_server,
+                                                                       tmp_path):
+    """Every stage as DVC runs it (tracking on, the persistent server), in order; the
+    libraries each process loaded, read at its exit."""
+    project = copy_project(tmp_path / "p", git=False)
+    env = clean_env(**prefect_server)
+    loaded = {}
+    for stage, args in STAGE_ARGS.items():
+        done = run([sys.executable, "-c", PROBE, "stage", stage, *args], project, env)
+        line = next(ln for ln in done.stdout.splitlines() if ln.startswith("MODULES "))
+        loaded[stage] = set(json.loads(line.removeprefix("MODULES ")))
+    for stage, never in NEVER.items():
+        assert not (loaded[stage] & never), f"{stage} imported {loaded[stage] & never}"
+    assert {"torch", "mlflow"} <= loaded["train"]
+    assert "matplotlib" in loaded["evaluate"] and "prefect" in loaded["ingest"]
+
+
+def test_schedule_registers_its_cron_with_the_persistent_server(prefect_server, tmp_path):
+    project = copy_project(tmp_path / "p", git=False)
+    env = clean_env(**prefect_server)
+    log = tmp_path / "schedule.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([BIN / "saeflow", "schedule", "--cron", "0 3 * * 1"],
+                                cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+    code = ("from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    d = c.read_deployment_by_name('saeflow-pipeline/saeflow-retrain')\n"
+            "    print('CRON', [s.schedule.cron for s in d.schedules], d.paused)\n")
+    api = {**env, "PREFECT_API_URL":
+           f"http://127.0.0.1:{prefect_server['PREFECT_SERVER_API_PORT']}/api"}
+    try:
+        found = {}
+
+        def registered() -> bool:
+            done = subprocess.run([sys.executable, "-c", code], env=api, capture_output=True,
+                                  text=True, timeout=120)
+            found["out"] = done.stdout
+            return "CRON" in done.stdout
+
+        wait_for(registered, 180, "deployment", proc, log)
+        assert "CRON ['0 3 * * 1'] False" in found["out"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    text = log.read_text()
+    assert rc == 0, text
+    for noise in ("Traceback", "ConnectError", "ephemeral"):
+        assert noise not in text, text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pipeline", "--push"], "no default DVC remote"),
+    (["pipeline", "--push", "--no-dvc-commit"], "--push needs the outputs recorded"),
+])
+def test_push_without_a_remote_is_refused_before_any_work(tmp_path, argv, message):
+    project = copy_project(tmp_path / "p", git=False)
+    (project / ".dvc").mkdir(exist_ok=True)
+    env = clean_env(PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")
+    start = time.monotonic()
+    done = run([BIN / "saeflow", *argv], project, env, check=False)
+    assert done.returncode == 2 and message in done.stderr
+    assert time.monotonic() - start < 60 and not (project / "data" / "images.parquet").exists()
