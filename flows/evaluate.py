@@ -7,6 +7,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows import tracking
+from flows.lineage import input_hashes
 from flows.stage_support import (
     compute_timer,
     model_sha256,
@@ -68,7 +69,7 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
         experiment, _ = tracking_settings(params)
         run_id = tracking.attach_run(
             c, experiment, model_sha256=model_sha256(model), params=params, section="evaluate",
-            tags={**tracking.input_hashes([model, patches]), **prefect_tags("evaluate")})
+            tags={**input_hashes([model, patches]), **prefect_tags("evaluate")})
         tracking.log_stage(c, run_id, "sparsity", metrics=metrics, artifacts={
             "sparsity": sparsity_metrics, "units": units, "filters": filters_png,
             "rho_hat": rho_hat_png, "rho_hat_csv": rho_hat_csv, "loss": loss_png,

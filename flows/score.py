@@ -7,6 +7,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows import tracking
+from flows.lineage import input_hashes
 from flows.stage_support import (
     compute_timer,
     model_sha256,
@@ -63,7 +64,7 @@ def score(model: str, labeled: str, transform: str, patches: str, score_metrics:
         experiment, _ = tracking_settings(params)
         run_id = tracking.attach_run(
             c, experiment, model_sha256=model_sha256(model), params=params, section="score",
-            tags={**tracking.input_hashes([model, labeled, transform, patches]),
+            tags={**input_hashes([model, labeled, transform, patches]),
                   **prefect_tags("score")})
         tracking.log_stage(c, run_id, "score", metrics={**metrics, **timings},
                            artifacts={"score": score_metrics})

@@ -93,11 +93,20 @@ def experiment_id(c, name: str, root: Path | None = None) -> str:
     location = None
     if _sqlite_path(c.tracking_uri) is not None:
         location = str((root or project_root()) / "mlartifacts")
+    from mlflow.exceptions import MlflowException
+
+    # a file lock serialises creators of a SQLite store; a server answers a second creator
+    # "already exists", and that creator then takes the experiment the first one made
     with _store_lock(c.tracking_uri):
         exp = c.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        return c.create_experiment(name, artifact_location=location)
+        try:
+            return c.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return c.get_experiment_by_name(name).experiment_id
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -112,23 +121,6 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)
     return out
-
-
-def md5_file(path: str | os.PathLike) -> str:
-    """The md5 DVC 3 records for a file (md5 of its bytes)."""
-    from sae_core.io import file_digest
-
-    return file_digest(path, "md5")
-
-
-def input_hashes(paths: list[str | os.PathLike]) -> dict[str, str]:
-    """Tags ``dvc.md5:<path>`` for each input file (every file inside an input folder)."""
-    tags: dict[str, str] = {}
-    for p in map(Path, paths):
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        for f in files:
-            tags[f"dvc.md5:{f.as_posix()}"] = md5_file(f)
-    return tags
 
 
 def run_name(params: dict[str, Any], suffix: str = "") -> str:
@@ -186,9 +178,14 @@ def _log_metrics(c, run_id: str, metrics: dict[str, Any], prefix: str) -> None:
 
 def open_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
              tags: dict[str, str], run_name: str | None = None) -> str:
-    """Start the pipeline run (train): all params, provenance tags; returns its id."""
+    """Start the pipeline run (train): all params, provenance tags and who ran it (the
+    tracking server's user name in team mode, else the login name); returns its id."""
+    import getpass
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
     run = c.create_run(experiment_id(c, experiment), run_name=run_name,
-                       tags={**tags, MODEL_TAG: model_sha256, "saeflow.stages": "train"})
+                       tags={"mlflow.user": user, **tags, MODEL_TAG: model_sha256,
+                             "saeflow.stages": "train"})
     _set_params(c, run.info.run_id, flatten(params))
     return run.info.run_id
 

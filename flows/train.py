@@ -6,11 +6,15 @@ the model, registered with its sparsity settings as version tags."""
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from prefect import flow
 
 from flows import tracking
+from flows.lineage import lineage_tags
+from flows.project import pipeline_paths, project_root
 from flows.stage_support import (
     compute_timer,
     model_sha256,
@@ -85,13 +89,32 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
           f"({sae.stop_reason_ or 'max_iter'}) in {timer['seconds']:.2f} s; "
           f"loss {result['loss']:.5f} -> {model}")
     if c is not None:
-        _record(c, git, params, store, sae, model, train_metrics, loss_csv, patches, result)
+        _record(c, git, params, store, sae, model, train_metrics, loss_csv, patches, result,
+                params_file)
     return result
 
 
-def _record(c, git, params, store, sae, model, metrics, loss_csv, patches, result) -> None:
+def _data_inputs(patches: str, store, params_file: str) -> list[str]:
+    """The files the model is made from: the patch store, and the dataset it was cut from
+    when dvc.yaml's dataset is that one (the store records the dataset's sha256)."""
+    from sae_core.io import sha256_file
+
+    dvc_yaml = Path(params_file).resolve().parent / "dvc.yaml"
+    inputs = [patches]
+    try:
+        images = pipeline_paths(dvc_yaml)["images"]
+    except (ValueError, KeyError):
+        return inputs
+    path = os.path.relpath(dvc_yaml.parent / images)
+    if os.path.isfile(path) and sha256_file(path) == store.source_sha256:
+        inputs.append(path)
+    return inputs
+
+
+def _record(c, git, params, store, sae, model, metrics, loss_csv, patches, result,
+            params_file) -> None:
     experiment, registered = tracking_settings(params)
-    data = tracking.input_hashes([patches])
+    data = lineage_tags(project_root(), _data_inputs(patches, store, params_file))
     tags = {**git, **data, **prefect_tags("train"),
             "saeflow.dataset_sha256": store.source_sha256}
     sha = model_sha256(model)
@@ -101,7 +124,7 @@ def _record(c, git, params, store, sae, model, metrics, loss_csv, patches, resul
                        artifacts={"metrics": metrics, "loss": loss_csv})
     settings = {k: str(getattr(sae, k)) for k in tracking.SETTINGS}
     version = tracking.register_model(c, run_id, model, registered, {
-        **settings, "data.md5": next(iter(data.values())),
+        **settings, **data, "data.md5": data[f"dvc.md5:{Path(patches).as_posix()}"],
         "dataset_sha256": store.source_sha256, "git.commit": tags["git.commit"],
         "model_sha256": sha, "run_id": run_id})
     print(f"train: MLflow run {run_id}; registered {registered} version {version}")

@@ -147,6 +147,7 @@ def test_mlflow_runs_across_stages(two_runs, tmp_path, monkeypatch):
 
     from flows import tracking
     from flows.evaluate import evaluate
+    from flows.lineage import md5_file
     from flows.train import train
 
     monkeypatch.setenv("SAEFLOW_PROJECT_ROOT", str(tmp_path))
@@ -166,7 +167,7 @@ def test_mlflow_runs_across_stages(two_runs, tmp_path, monkeypatch):
     exp = c.get_experiment_by_name("saeflow")
     first, second = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     assert first.data.tags["saeflow.stages"] == "train,evaluate"
-    assert first.data.tags["dvc.md5:p.arrow"] == tracking.md5_file(tmp_path / "p.arrow")
+    assert first.data.tags["dvc.md5:p.arrow"] == md5_file(tmp_path / "p.arrow")
     assert "sparsity/fvu" in first.data.metrics and "train/loss" in first.data.metrics
     assert second.info.status == "FINISHED" and second.data.tags["saeflow.stages"] == "evaluate"
     assert second.data.tags["saeflow.trained_in"] == first.info.run_id
