@@ -1,8 +1,8 @@
 """What a teammate needs to get a model's exact data back: the DVC md5 of every data file
 upstream of the model, and the DVC remote that holds them.
 
-With the recorded git commit, ``git checkout COMMIT && dvc pull`` restores them; without
-it, each file is the object ``files/md5/<md5[:2]>/<md5[2:]>`` of the remote.
+Each file is the object ``files/md5/<md5[:2]>/<md5[2:]>`` of the remote, whatever commit
+the project is at (the dvc.lock that names them is committed after the run).
 """
 
 from __future__ import annotations
