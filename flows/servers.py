@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,7 +58,8 @@ class ServiceError(RuntimeError):
 
 
 def prefect_home() -> Path:
-    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser(
+    ).resolve()
 
 
 def local_port() -> int:
@@ -141,21 +143,64 @@ def _read_pid(home: Path) -> int | None:
         return None
 
 
+def _server_port(pid: int) -> int | None:
+    """The port of the Prefect server with this pid, read from its command line; None when
+    the process is gone or is not a Prefect server (a pid reused after a reboot)."""
+    if not _pid_alive(pid):
+        return None
+    if not Path("/proc/self/cmdline").exists():  # no /proc: trust the pid file
+        return local_port()
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if b"prefect.server.api.server:create_app" not in args or b"--port" not in args:
+        return None
+    try:
+        return int(args[args.index(b"--port") + 1])
+    except (IndexError, ValueError):
+        return None
+
+
+def home_server(home: Path | None = None) -> tuple[int, int] | None:
+    """(pid, port) of the running server that the Prefect home's pid file names, if any."""
+    pid = _read_pid(home or prefect_home())
+    port = _server_port(pid) if pid is not None else None
+    return None if port is None else (pid, port)
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on the port (connections in TIME_WAIT do not count, as for Prefect's
+    own check)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOCAL_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
 def _prefect_cli(*args: str, env: dict[str, str], cwd: Path,
                  timeout: float = 120.0) -> subprocess.CompletedProcess:
     """``prefect ARGS`` with this interpreter, in its own session: the background server
     it may start must not get the terminal's Ctrl-C meant for a stage."""
-    return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=cwd,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
+    try:
+        return subprocess.run([sys.executable, "-m", "prefect", *args],
+                              env={**env, "COLUMNS": "1000"},  # one-line messages
+                              cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise ServiceError(f"`prefect {' '.join(args)}` did not finish within "
+                           f"{timeout:.0f} s") from None
 
 
 def _server_env(home: Path) -> dict[str, str]:
-    """The environment of the local server: this one, less what belongs to a client or a
-    run (an API URL, DVC's and saeflow's per-run variables), on loopback."""
-    drop = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY")
+    """The environment of the local server: this one less every Prefect, MLflow, DVC and
+    saeflow setting (a team's API URL, auth string or database must not leak into it),
+    plus its own: this home, loopback, the port."""
     env = {k: v for k, v in os.environ.items()
-           if k not in drop and not k.startswith(("DVC_", "SAEFLOW_"))}
+           if not k.startswith(("PREFECT_", "MLFLOW_", "DVC_", "SAEFLOW_"))}
     env.update(PREFECT_DEFAULTS)
     env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": LOCAL_HOST,
                 "PREFECT_SERVER_API_PORT": str(local_port()),
@@ -165,9 +210,13 @@ def _server_env(home: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _start_lock(home: Path):
-    """One starter at a time: eight stages that find no server start one, not eight."""
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "saeflow-server.lock", "a") as fh:
+    """One starter (or stopper) at a time: eight stages that find no server start one."""
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        fh = open(home / "saeflow-server.lock", "a")  # closed by the with below
+    except OSError as exc:
+        raise ServiceError(f"PREFECT_HOME={home}: {exc.strerror}") from None
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -175,57 +224,76 @@ def _start_lock(home: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _other_port(home: Path, running: int, wanted: int) -> ServiceError:
+    return ServiceError(f"the Prefect server of PREFECT_HOME={home} runs on port {running}, "
+                        f"not PREFECT_SERVER_API_PORT={wanted}; `saeflow server stop` stops it")
+
+
 def start_local(timeout: float = START_TIMEOUT_S) -> tuple[str, bool]:
-    """Make sure the local persistent Prefect server answers; (API URL, started now)."""
-    url, home = local_api_url(), prefect_home()
-    if prefect_problem(url, timeout=1.0) is None:
+    """Make sure the local persistent Prefect server of this Prefect home answers on its
+    port; (API URL, started now). A server that this home did not start, or a port taken
+    by another program, is a one-line ServiceError (never silently someone else's)."""
+    url, home, port = local_api_url(), prefect_home(), local_port()
+    mine = home_server(home)
+    if mine is not None and mine[1] == port and prefect_problem(url, timeout=1.0) is None:
         return url, False
     with _start_lock(home):
-        if prefect_problem(url, timeout=1.0) is None:
-            return url, False
-        pid = _read_pid(home)
-        if pid is not None and not _pid_alive(pid):
-            (home / PID_FILE).unlink(missing_ok=True)  # left by a reboot or a kill -9
-            pid = None
-        if pid is None:
+        mine = home_server(home)
+        started = False
+        if mine is None:
+            # absent, or left by a reboot or a kill -9 (Prefect would refuse to start)
+            (home / PID_FILE).unlink(missing_ok=True)
+            if _request(url.rstrip("/") + "/health", timeout=2.0)[0] != 0:
+                raise ServiceError(f"a server not started from PREFECT_HOME={home} answers "
+                                   f"at {url}: point saeflow at it with PREFECT_API_URL, or "
+                                   "choose another port with PREFECT_SERVER_API_PORT")
+            if not _port_free(port):
+                raise ServiceError(f"port {port} on {LOCAL_HOST} is in use by another "
+                                   "program; choose another with PREFECT_SERVER_API_PORT")
             done = _prefect_cli("server", "start", "--background", "--host", LOCAL_HOST,
-                                "--port", str(local_port()), env=_server_env(home), cwd=home)
-            pid = _read_pid(home)
-            if done.returncode != 0 or pid is None:
+                                "--port", str(port), env=_server_env(home), cwd=home)
+            mine = home_server(home)
+            if done.returncode != 0 or mine is None:
                 lines = [ln.strip() for ln in (done.stdout + done.stderr).splitlines()
                          if ln.strip()]
                 why = lines[-1] if lines else f"exit status {done.returncode}"
-                raise ServiceError(f"could not start the Prefect server at {url}: {why} "
-                                   "(another port: PREFECT_SERVER_API_PORT)")
-        # else: a server of this home is starting (its pid file is Prefect's): wait for it
+                raise ServiceError(f"could not start the Prefect server at {url}: {why}")
+            started = True
+        elif mine[1] != port:
+            raise _other_port(home, mine[1], port)
+        # started now, or by another saeflow process a moment ago: wait until it answers
         deadline = time.monotonic() + timeout
         while (problem := prefect_problem(url, timeout=1.0)) is not None:
-            if not _pid_alive(pid):
+            if not _pid_alive(mine[0]):
                 (home / PID_FILE).unlink(missing_ok=True)
                 raise ServiceError(f"the Prefect server at {url} exited while starting; run "
-                                   f"`prefect server start --port {local_port()}` to see why")
+                                   f"`prefect server start --port {port}` to see why")
             if time.monotonic() > deadline:
                 raise ServiceError(f"the Prefect server at {url} did not answer within "
                                    f"{timeout:.0f} s ({problem})")
             time.sleep(0.2)
-    return url, True
+    return url, started
 
 
 def stop_local(timeout: float = 30.0) -> int | None:
-    """Stop the local server with ``prefect server stop``; waits until it has exited (so
-    the port is free). Returns its pid, or None if none was running."""
+    """Stop this Prefect home's server with ``prefect server stop`` and wait until it has
+    exited (so the port is free). Returns its pid, or None if none was running. A pid file
+    naming any other process is removed, never acted on."""
     home = prefect_home()
-    pid = _read_pid(home)
-    if pid is None or not _pid_alive(pid):
-        (home / PID_FILE).unlink(missing_ok=True)
-        return None
-    _prefect_cli("server", "stop", env=_server_env(home), cwd=home)
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            break
-        time.sleep(0.1)
+    with _start_lock(home):
+        mine = home_server(home)
+        if mine is None:
+            (home / PID_FILE).unlink(missing_ok=True)
+            return None
+        pid = mine[0]
+        _prefect_cli("server", "stop", env=_server_env(home), cwd=home)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
     return pid
 
 
@@ -266,13 +334,20 @@ def prefect_status() -> ServiceStatus:
         problem = prefect_problem(team, os.environ.get("PREFECT_API_AUTH_STRING"))
         return ServiceStatus("Prefect", team, problem is None,
                              f"UI {ui_url(team)}" if problem is None else problem)
-    url, home = local_api_url(), prefect_home()
+    url, home, port = local_api_url(), prefect_home(), local_port()
+    mine = home_server(home)
+    if mine is not None and mine[1] != port:
+        return ServiceStatus("Prefect", url, False, str(_other_port(home, mine[1], port)))
     problem = prefect_problem(url)
-    pid = _read_pid(home)
-    if problem is None:
-        owner = f"pid {pid}" if pid and _pid_alive(pid) else "not started by this home"
-        return ServiceStatus("Prefect", url, True, f"UI {ui_url(url)}; local persistent "
-                             f"server ({owner}, PREFECT_HOME {home})")
+    if mine is not None:
+        detail = (f"UI {ui_url(url)}; local persistent server (pid {mine[0]}, PREFECT_HOME "
+                  f"{home})")
+        return ServiceStatus("Prefect", url, problem is None,
+                             detail if problem is None else f"pid {mine[0]}: {problem}")
+    if _request(url.rstrip("/") + "/health", timeout=2.0)[0] != 0:
+        return ServiceStatus("Prefect", url, False, f"a server not started from PREFECT_HOME="
+                             f"{home} answers here (set PREFECT_API_URL to use it, or "
+                             "PREFECT_SERVER_API_PORT)")
     return ServiceStatus("Prefect", url, True, "local server not running (it starts on "
                          "first use, or with `saeflow server start`)")
 

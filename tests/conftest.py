@@ -88,10 +88,12 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     settings = {"PREFECT_HOME": str(home), "PREFECT_SERVER_API_PORT": str(free_port())}
     env = clean_env(**settings)
-    run([BIN / "saeflow", "server", "start"], home, env, timeout=300)
-    pid = int((home / "server.pid").read_text())
-    yield settings
-    run([BIN / "saeflow", "server", "stop"], home, env, timeout=120)
+    try:
+        run([BIN / "saeflow", "server", "start"], home, env, timeout=300)
+        pid = int((home / "server.pid").read_text())
+        yield settings
+    finally:
+        run([BIN / "saeflow", "server", "stop"], home, env, timeout=120)
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text(
     ).split(")")[-1].split()[0], "the Prefect server outlived `saeflow server stop`"
 

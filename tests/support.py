@@ -127,7 +127,7 @@ class Databases:
         return name
 
     @staticmethod
-    def url(name: str, driver: str = "") -> str:
+    def url(name: str, driver: str = "psycopg") -> str:
         from urllib.parse import urlsplit, urlunsplit
 
         parts = urlsplit(PG_URL)
@@ -164,10 +164,16 @@ def start_concurrent_pipelines(tmp: Path, env: dict, n: int = 8,
             [str(BIN / "saeflow"), "pipeline", "--no-dvc-commit"], cwd=project, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     results = []
-    for i, experiment, p in procs:
-        out, err = p.communicate(timeout=1200)
-        results.append({"seed": i, "experiment": experiment, "rc": p.returncode,
-                        "stdout": out, "stderr": err})
+    try:
+        for i, experiment, p in procs:
+            out, err = p.communicate(timeout=1200)
+            results.append({"seed": i, "experiment": experiment, "rc": p.returncode,
+                            "stdout": out, "stderr": err})
+    finally:
+        for _, _, p in procs:  # none outlives a failed test
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return results
 
 

@@ -23,7 +23,7 @@ def _server_pid(home: Path) -> int:
     return int((home / "server.pid").read_text())
 
 
-def test_ephemeral_mode_is_off_so_a_missing_url_is_an_error(subprocess_env):
+def test_ephemeral_mode_is_off_so_a_missing_url_is_an_error(subprocess_env, tmp_path):
     """Prefect's default profile allows the temporary per-process server; saeflow's
     defaults must turn it off (a renamed setting would silently bring it back)."""
     code = ("import os\nfrom flows import servers\n"
@@ -34,7 +34,7 @@ def test_ephemeral_mode_is_off_so_a_missing_url_is_an_error(subprocess_env):
             "    print('refused:', e)\n")
     env = {k: v for k, v in subprocess_env.items() if not k.startswith("PREFECT_")}
     env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "true"  # as Prefect's default profile
-    env["PREFECT_HOME"] = "/nonexistent-home"  # no profile of the user's either
+    env["PREFECT_HOME"] = str(tmp_path)  # no profile of the user's either
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
     assert "refused: No Prefect API URL provided" in done.stdout, done.stdout + done.stderr
@@ -97,23 +97,63 @@ def test_concurrent_first_use_starts_one_server(tmp_path):
     assert "no local Prefect server running" in again.stdout
 
 
-def test_a_stale_pid_file_is_replaced(tmp_path, monkeypatch):
-    """After a reboot or a kill -9 Prefect's pid file names a dead process, and Prefect
-    itself would refuse to start ("already running"); saeflow clears it."""
+@pytest.mark.parametrize("content", ["dead", "foreign", "garbled"])
+def test_a_pid_file_of_no_prefect_server_is_replaced_and_never_signalled(tmp_path, monkeypatch,
+                                                                        content):
+    """After a reboot, a kill -9 or a start interrupted before Prefect wrote it, the pid
+    file names a dead process, an unrelated live one (a reused pid) or nothing; Prefect
+    itself would refuse to start ("already running"). saeflow replaces it, and never
+    signals the process it names."""
     home = tmp_path / "home"
     home.mkdir()
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (home / "server.pid").write_text(str(dead.pid))
+    other = subprocess.Popen(["true"] if content == "dead" else ["sleep", "120"])
+    if content == "dead":
+        other.wait()
+    (home / "server.pid").write_text("" if content == "garbled" else str(other.pid))
     monkeypatch.setenv("PREFECT_HOME", str(home))
     monkeypatch.setenv("PREFECT_SERVER_API_PORT", str(free_port()))
-    url, started = servers.start_local()
+    pid = None
     try:
+        url, started = servers.start_local()
         assert started and servers.prefect_problem(url) is None
-        assert _server_pid(home) != dead.pid
+        assert _server_pid(home) != other.pid
     finally:
         pid = servers.stop_local()
+        assert servers.stop_local() is None
+        if content == "foreign":
+            assert other.poll() is None, "saeflow signalled a process that is not its server"
+        other.kill()
+        other.wait()
     assert pid is not None and not servers._pid_alive(pid)
+
+
+def test_a_server_not_started_from_this_home_is_refused(tmp_path, monkeypatch):
+    """Whatever else answers on the port (another user's Prefect server, another program)
+    is never used silently: a one-line error says how to choose."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PREFECT_SERVER_API_PORT", str(server.server_address[1]))
+    try:
+        with pytest.raises(servers.ServiceError, match=r"not started from PREFECT_HOME=.* "
+                           r"PREFECT_API_URL.* PREFECT_SERVER_API_PORT") as info:
+            servers.start_local()
+        status = servers.prefect_status()
+    finally:
+        server.shutdown()
+    assert "\n" not in str(info.value)
+    assert not status.ok and "not started from PREFECT_HOME" in status.detail
+
+
+def test_a_server_of_this_home_on_another_port_is_named(prefect_server, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", prefect_server["PREFECT_HOME"])
+    monkeypatch.setenv("PREFECT_SERVER_API_PORT", str(free_port()))
+    with pytest.raises(servers.ServiceError, match=f"runs on port "
+                       f"{prefect_server['PREFECT_SERVER_API_PORT']}, not"):
+        servers.start_local()
 
 
 def test_a_taken_port_is_one_line_and_starts_no_temporary_server(tmp_path):
@@ -129,9 +169,8 @@ def test_a_taken_port_is_one_line_and_starts_no_temporary_server(tmp_path):
                     "--images-manifest", "i.json"], project, env, check=False, timeout=300)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("saeflow: error: could not start the "
-                                                   f"Prefect server at http://127.0.0.1:{port}")
-    assert "PREFECT_SERVER_API_PORT" in lines[0]
+    assert lines == [f"saeflow: error: port {port} on 127.0.0.1 is in use by another "
+                     "program; choose another with PREFECT_SERVER_API_PORT"]
     assert not (project / "i.parquet").exists()
     assert not (tmp_path / "home" / "server.pid").exists()
 

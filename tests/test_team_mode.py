@@ -7,9 +7,11 @@ eight pipelines at once are all recorded."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,13 +97,15 @@ def team(postgres, tmp_path_factory):
         yield {"tmp": tmp, "env": client_env, "mlflow": mlflow_url, "prefect": prefect_url,
                "remote": remote}
     finally:
-        for p in procs:
-            p.terminate()
+        for p in procs:  # each in its own session: its workers go with it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                p.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
         dbs.drop_all()
 
 
@@ -236,6 +240,8 @@ def test_requests_without_credentials_are_refused(team, repro):
                  "--model", "m2", "--train-metrics", "t2.json", "--loss-csv", "l2.csv"],
                 repro["root"], env, check=False)
     assert stage.returncode != 0 and "Traceback" not in stage.stderr
+    assert "401" in stage.stderr or "credentials" in stage.stderr, stage.stderr
+    assert not (repro["root"] / "m2").exists()
 
 
 def test_eight_pipelines_at_once_are_all_recorded_on_the_server(team, tmp_path):
