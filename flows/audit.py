@@ -37,16 +37,24 @@ _FILTER = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_./]*)\s*(>=|<=|!=|==|=|>|<)\s*(.
 
 
 def parse_filter(text: str, columns=COLUMNS):
-    """'beta>=1' -> (column, op, value); a malformed filter or a column not in ``columns``
-    (None: any) is a one-line ValueError."""
+    """'beta>=1' -> (column, op, value). The grammar: COLUMN OP VALUE, with OP one of >=,
+    <=, >, <, =, ==, != and VALUE a number for the ordering operators, a number or a word
+    for the (in)equalities. A malformed filter, a column not in ``columns`` (None: any) or a
+    value of the wrong type is a one-line ValueError that points at the problem."""
     m = _FILTER.match(text)
     if not m or not m.group(3):
         raise ValueError(f"--where {text!r}: expected COLUMN OP VALUE with OP one of "
                          ">=, <=, >, <, =, !=")
     column, op, value = m.groups()
+    if value[0] in "<>=!":
+        at = m.start(3)
+        raise ValueError(f"--where {text!r}: unexpected {value[0]!r} at position {at + 1} "
+                         f"(after {column}{op}); expected a value")
     if columns is not None and column not in columns:
         raise ValueError(f"--where {text!r}: unknown column {column!r}; columns: "
                          f"{', '.join(columns)}")
+    if op in (">=", "<=", ">", "<") and _number(value) is None:
+        raise ValueError(f"--where {text!r}: {op} compares numbers; {value!r} is not a number")
     return column, op, value
 
 

@@ -373,22 +373,14 @@ def mlflow_status(uri: str) -> ServiceStatus:
         return ServiceStatus("MLflow", uri, False, f"no answer ({reason})" if status == 0
                              else f"HTTP {status} {reason}".strip())
     if uri.startswith("sqlite:///"):
-        import sqlite3
+        from flows.tracking import sqlite_store_problem
 
         db = Path(uri[len("sqlite:///"):])
         if not db.exists():
             return ServiceStatus("MLflow", uri, True, "local store (created on first run)")
-        try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-            try:
-                tables = {r[0] for r in con.execute(
-                    "select name from sqlite_master where type='table'")}
-            finally:
-                con.close()
-        except sqlite3.Error as exc:
-            return ServiceStatus("MLflow", uri, False, f"cannot read: {exc}")
-        if "experiments" not in tables or "alembic_version" not in tables:
-            return ServiceStatus("MLflow", uri, False, "not an MLflow store")
+        problem = sqlite_store_problem(db)
+        if problem:
+            return ServiceStatus("MLflow", uri, False, problem)
         return ServiceStatus("MLflow", uri, True, "local store")
     try:
         import sqlalchemy

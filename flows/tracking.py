@@ -59,6 +59,28 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def sqlite_store_problem(db: Path) -> str | None:
+    """None if ``db`` is absent, empty or an MLflow store; else what it is instead (MLflow
+    would add its tables to any SQLite file, a user's own database included). Read-only."""
+    import sqlite3
+
+    if not db.exists() or (db.is_file() and db.stat().st_size == 0):
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            tables = {r[0] for r in con.execute(
+                "select name from sqlite_master where type='table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        return f"not a SQLite database ({exc})"
+    if tables and not {"experiments", "alembic_version"} <= tables:
+        shown = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+        return f"not an MLflow store (it holds the table(s) {shown})"
+    return None
+
+
 def client(uri: str | None = None, create: bool = True):
     """An MlflowClient on the project's store, created (migrated) once under a file lock.
     ``create=False`` (for commands that only read): a missing SQLite store is a ValueError
@@ -76,6 +98,10 @@ def client(uri: str | None = None, create: bool = True):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     db = _sqlite_path(uri)
+    problem = sqlite_store_problem(db) if db is not None else None
+    if problem:
+        raise ValueError(f"{db}: {problem}; saeflow adds MLflow's tables only to a new store "
+                         "or an MLflow one (set MLFLOW_TRACKING_URI to another file)")
     if not create and db is not None and not db.exists():
         raise ValueError(f"no MLflow store at {db} (run the pipeline first, or set "
                          "MLFLOW_TRACKING_URI)")

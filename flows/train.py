@@ -57,7 +57,7 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
     """Fit ``SparseAutoencoder(**params['train'])`` on the store's training patches."""
     from sae_core import SparseAutoencoder
     from sae_core.config import SAEConfig
-    from sae_core.io import write_json
+    from sae_core.io import check_model_target, write_json
     from sae_core.patch_store import read_patch_store
     from sae_core.plots import write_loss_csv
 
@@ -72,6 +72,7 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{params_file}: train: {exc}") from None
         store = read_patch_store(patches)
+        check_model_target(model)  # before the fit: a user's folder there is never replaced
         sae = SparseAutoencoder(**cfg, callbacks=[_Progress(config.max_iter)])
         sae.fit(store.train)
         sae.callbacks = None

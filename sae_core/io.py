@@ -165,10 +165,37 @@ def read_tagged_parquet(path: str | os.PathLike, meta_key: bytes, schema: Any,
     return table, meta
 
 
+def check_model_target(directory: str | os.PathLike) -> None:
+    """A model may be written at ``directory`` only if nothing is there or a saeflow model
+    folder is (``config.json`` with this format_version, and nothing but the two model
+    files): a user's own file or folder is never replaced. ValueError otherwise."""
+    d = Path(directory)
+    if not os.path.lexists(d):
+        return
+    if d.is_symlink() or not d.is_dir():
+        raise ValueError(f"{d}: exists and is not a model folder; nothing was written")
+    names = sorted(p.name for p in d.iterdir())
+    foreign = [n for n in names if n not in (MODEL_WEIGHTS, MODEL_CONFIG)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"{d}: exists and is not a saeflow model folder (it holds {shown}); "
+                         "nothing was written")
+    if names:
+        try:
+            config = json.loads((d / MODEL_CONFIG).read_text())
+        except (OSError, ValueError):
+            config = None
+        if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{d}: exists and is not a saeflow model folder (no saeflow "
+                             f"{MODEL_CONFIG}); nothing was written")
+
+
 def save_model(directory: str | os.PathLike, arrays: dict[str, np.ndarray], config: dict) -> None:
     """A model folder: ``model.safetensors`` (weights) and ``config.json`` (settings, shapes,
-    and the sha256 of the weights file, so a mismatched pair is detected on load)."""
+    and the sha256 of the weights file, so a mismatched pair is detected on load). An
+    existing path is replaced only if it is a saeflow model folder (check_model_target)."""
     d = Path(directory)
+    check_model_target(d)
     d.parent.mkdir(parents=True, exist_ok=True)
     # both files go into a fresh folder that replaces the old one only when complete
     tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".tmp", dir=d.parent))

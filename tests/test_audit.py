@@ -36,8 +36,10 @@ def test_bad_filter_is_a_one_line_error(text, message):
     assert "\n" not in str(info.value)
 
 
-def test_ordering_on_text_matches_nothing():
-    assert not matches(ROWS[0], parse_filter("penalty>=a"))
+def test_ordering_a_text_column_matches_nothing():
+    """'beta>=1' on a row whose beta is blank or text keeps nothing, rather than guess."""
+    assert not matches({"beta": None}, parse_filter("beta>=1"))
+    assert not matches({"beta": "n/a"}, parse_filter("beta>=1"))
 
 
 def test_json_and_csv_round_trip():
@@ -55,3 +57,15 @@ def test_table_is_aligned_with_a_header():
     assert len(lines) == 3
     assert lines[1].index("topk") == lines[0].index("penalty")
     assert format_rows([], "table") == "no registered model versions match\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("beta>>1", r"unexpected '>' at position 6 \(after beta>\); expected a value"),
+    ("beta=<1", r"unexpected '<' at position 6"),
+    ("beta>=abc", r">= compares numbers; 'abc' is not a number"),
+    ("penalty<kl", r"< compares numbers; 'kl' is not a number"),
+])
+def test_malformed_or_mistyped_filters_are_refused_where_they_go_wrong(text, message):
+    with pytest.raises(ValueError, match=message) as info:
+        parse_filter(text)
+    assert "\n" not in str(info.value)

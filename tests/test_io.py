@@ -297,3 +297,52 @@ def test_sha256_file(tmp_path):
 
     (tmp_path / "f").write_bytes(b"abc")
     assert io.sha256_file(tmp_path / "f") == hashlib.sha256(b"abc").hexdigest()
+
+
+def _tree_digest(root):
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(p.relative_to(root).as_posix().encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("make", ["user_folder", "user_file", "foreign_config", "symlink"])
+def test_a_model_never_replaces_what_is_not_a_model(tmp_path, make):
+    """`SparseAutoencoder.save` / the train stage at a path holding the user's own files:
+    one line naming the path, and every byte left as it was."""
+    from sae_core.io import save_model
+
+    target = tmp_path / "results"
+    if make == "user_folder":
+        (target / "sub").mkdir(parents=True)
+        (target / "notes.txt").write_text("my notes")
+        (target / "sub" / "data.csv").write_text("1,2\n")
+    elif make == "user_file":
+        target.write_text("not a folder")
+    elif make == "foreign_config":
+        target.mkdir()
+        (target / "config.json").write_text('{"mine": true}')
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "keep.txt").write_text("keep")
+        target.symlink_to(tmp_path / "elsewhere")
+    before = _tree_digest(tmp_path)
+    with pytest.raises(ValueError, match=r"results: exists and is not a (saeflow )?model "
+                       r"folder.*nothing was written") as info:
+        save_model(target, {"W": np.zeros((2, 2), np.float32)}, {})
+    assert "\n" not in str(info.value)
+    assert _tree_digest(tmp_path) == before
+
+
+def test_a_model_folder_is_replaced_by_a_new_model(tmp_path):
+    from sae_core.io import load_model, save_model
+
+    save_model(tmp_path / "m", {"W": np.zeros((2, 2), np.float32)}, {})
+    save_model(tmp_path / "m", {"W": np.ones((2, 2), np.float32)}, {})
+    arrays, _ = load_model(tmp_path / "m")
+    assert arrays["W"].sum() == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -175,3 +175,23 @@ def test_mlflow_runs_across_stages(two_runs, tmp_path, monkeypatch):
         == "3"
     (version,) = c.search_model_versions("name = 'saeflow-sae'")
     assert version.run_id == first.info.run_id and version.tags["beta"] == "3.0"
+
+
+def test_train_refuses_a_model_path_holding_user_files_before_fitting(two_runs, tmp_path,
+                                                                      monkeypatch):
+    """`saeflow stage train --model results` where results/ is the user's: refused before
+    the fit, the folder untouched, no metrics or loss file written."""
+    from flows.train import train
+
+    monkeypatch.setenv("SAEFLOW_TRACKING", "0")
+    results = tmp_path / "results"
+    (results / "sub").mkdir(parents=True)
+    (results / "notes.txt").write_text("my notes")
+    params = _params(tmp_path)
+    with pytest.raises(ValueError, match=r"results: exists and is not a saeflow model folder "
+                       r"\(it holds notes.txt, sub\); nothing was written"):
+        train(str(two_runs[0]["patches"]), str(results), str(tmp_path / "t.json"),
+              str(tmp_path / "loss.csv"), params_file=str(params))
+    assert sorted(p.name for p in results.rglob("*")) == ["notes.txt", "sub"]
+    assert (results / "notes.txt").read_text() == "my notes"
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "loss.csv").exists()

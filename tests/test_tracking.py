@@ -41,3 +41,37 @@ def test_a_lost_creation_race_takes_the_winners_experiment():
 def test_other_creation_errors_are_not_swallowed():
     with pytest.raises(MlflowException, match="already exists"):
         tracking.experiment_id(_RacingClient(PERMISSION_DENIED), "saeflow")
+
+
+@pytest.mark.parametrize("content", ["tables", "text"])
+def test_a_foreign_sqlite_file_is_refused_and_left_as_it_was(tmp_path, monkeypatch, content):
+    """MLflow adds its tables to any SQLite file it is pointed at; saeflow refuses a
+    database that is not MLflow's (and a file that is no database) in one line."""
+    import sqlite3
+
+    db = tmp_path / "mine.db"
+    if content == "tables":
+        with sqlite3.connect(db) as con:
+            con.execute("create table notes (text)")
+            con.execute("insert into notes values ('keep me')")
+        con.close()
+    else:
+        db.write_text("just text\n" * 100)
+    before = db.read_bytes()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    expected = (r"not an MLflow store \(it holds the table\(s\) notes\)" if content == "tables"
+                else r"not a SQLite database \(file is not a database\)")
+    with pytest.raises(ValueError, match=rf"mine.db: {expected}; saeflow adds MLflow's "
+                       "tables only to a new store") as info:
+        tracking.client()
+    assert "\n" not in str(info.value)
+    assert db.read_bytes() == before
+    assert not (tmp_path / "mine.db.lock").exists()
+
+
+def test_a_new_or_mlflow_store_is_accepted(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    c.create_experiment("x")
+    assert tracking.sqlite_store_problem(tmp_path / "mlflow.db") is None
+    assert tracking.client(uri).get_experiment_by_name("x") is not None
