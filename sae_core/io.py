@@ -182,8 +182,8 @@ def check_model_target(directory: str | os.PathLike) -> None:
                          "nothing was written")
     if names:
         try:
-            config = json.loads((d / MODEL_CONFIG).read_text())
-        except (OSError, ValueError):
+            config = read_json(d / MODEL_CONFIG)
+        except FileFormatError:
             config = None
         if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{d}: exists and is not a saeflow model folder (no saeflow "

@@ -85,6 +85,8 @@ def prefect_server(tmp_path_factory):
     environment variables that point saeflow at it."""
     from support import BIN, clean_env, free_port, run
 
+    from flows.servers import _pid_alive
+
     home = tmp_path_factory.mktemp("prefect-home")
     settings = {"PREFECT_HOME": str(home), "PREFECT_SERVER_API_PORT": str(free_port())}
     env = clean_env(**settings)
@@ -94,8 +96,7 @@ def prefect_server(tmp_path_factory):
         yield settings
     finally:
         run([BIN / "saeflow", "server", "stop"], home, env, timeout=120)
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text(
-    ).split(")")[-1].split()[0], "the Prefect server outlived `saeflow server stop`"
+    assert not _pid_alive(pid), "the Prefect server outlived `saeflow server stop`"
 
 
 @pytest.fixture(scope="session")

@@ -23,16 +23,12 @@ DESIGN_KEYS = {
 }
 
 
-def _run(cmd, cwd, env, timeout=900):
-    return run(cmd, cwd, env, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, prefect_server):
     env = clean_env(**prefect_server)
     root = copy_project(tmp_path_factory.mktemp("project"), env=env)
     start = time.perf_counter()
-    first = _run([str(BIN / "dvc"), "repro"], root, env)
+    first = run([str(BIN / "dvc"), "repro"], root, env)
     seconds = time.perf_counter() - start
     return {"root": root, "env": env, "first": first, "seconds": seconds}
 
@@ -130,13 +126,13 @@ def test_registered_version_carries_the_sparsity_settings(project):
 
 def test_audit_lists_the_model(project):
     root, env = project["root"], project["env"]
-    done = _run([str(BIN / "saeflow"), "audit", "--format", "json"], root, env)
+    done = run([str(BIN / "saeflow"), "audit", "--format", "json"], root, env)
     rows = json.loads(done.stdout)
     assert len(rows) == 1
     row = rows[0]
     assert (row["version"], row["penalty"], row["beta"], row["rho"]) == (1, "kl", 3.0, 0.01)
     assert row["accuracy"] is not None and row["rho_hat_mean"] is not None
-    none = _run([str(BIN / "saeflow"), "audit", "--format", "json", "--where", "beta<1"],
+    none = run([str(BIN / "saeflow"), "audit", "--format", "json", "--where", "beta<1"],
                 root, env)
     assert json.loads(none.stdout) == []
 
@@ -145,7 +141,7 @@ def test_second_repro_runs_no_stage(project):
     root, env = project["root"], project["env"]
     before = len(_runs(root))
     start = time.perf_counter()
-    done = _run([str(BIN / "dvc"), "repro"], root, env)
+    done = run([str(BIN / "dvc"), "repro"], root, env)
     seconds = time.perf_counter() - start
     assert "Running stage" not in done.stdout
     assert len(_runs(root)) == before
@@ -156,11 +152,11 @@ def test_queued_experiments_land_in_the_project_store(project):
     root, env = project["root"], project["env"]
     before = len(_runs(root))
     for beta in ("1", "0.5"):
-        _run([str(BIN / "dvc"), "exp", "run", "--queue", "-S", f"train.beta={beta}"], root, env)
-    _run([str(BIN / "dvc"), "queue", "start"], root, env)
+        run([str(BIN / "dvc"), "exp", "run", "--queue", "-S", f"train.beta={beta}"], root, env)
+    run([str(BIN / "dvc"), "queue", "start"], root, env)
     deadline = time.time() + 600
     while time.time() < deadline:
-        status = _run([str(BIN / "dvc"), "queue", "status"], root, env).stdout
+        status = run([str(BIN / "dvc"), "queue", "status"], root, env).stdout
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(2)
@@ -182,27 +178,27 @@ def test_prefect_driven_run_is_recorded_in_mlflow_and_dvc(project, tmp_path):
     params["train"]["max_iter"] = 41  # a change, so that DVC would re-run train
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     remote = tmp_path / "remote"
-    _run([str(BIN / "dvc"), "remote", "add", "--local", "-d", "mine", str(remote)], root, env)
+    run([str(BIN / "dvc"), "remote", "add", "--local", "-d", "mine", str(remote)], root, env)
     before = len(_runs(root))
-    done = _run([str(BIN / "saeflow"), "pipeline", "--push"], root, env)
+    done = run([str(BIN / "saeflow"), "pipeline", "--push"], root, env)
     assert "dvc commit" in done.stdout and "dvc push" in done.stdout
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     model = next(o for o in lock["train"]["outs"] if o["path"] == _paths(root)["model"])
     listing = remote / "files" / "md5" / model["md5"][:2] / model["md5"][2:]
     assert listing.is_file(), "the model's directory listing is not in the remote"
-    _run([str(BIN / "dvc"), "remote", "remove", "--local", "mine"], root, env)
+    run([str(BIN / "dvc"), "remote", "remove", "--local", "mine"], root, env)
     runs = _runs(root)
     assert len(runs) == before + 1
     tags = runs[-1].data.tags
     assert tags["prefect.flow_run_id.pipeline"] and tags["prefect.flow_run_id.train"]
     assert json.loads((root / _paths(root)["train_metrics"]).read_text())["iterations"] == 41
-    status = _run([str(BIN / "dvc"), "status"], root, env).stdout
+    status = run([str(BIN / "dvc"), "status"], root, env).stdout
     assert "up to date" in status, status
 
 
 def test_report_of_a_sweep_and_of_one_run(project):
     root, env = project["root"], project["env"]
-    done = _run([str(BIN / "saeflow"), "report", "--last", "3", "--out", "sweep.html"],
+    done = run([str(BIN / "saeflow"), "report", "--last", "3", "--out", "sweep.html"],
                 root, env)
     assert "3 run(s)" in done.stdout
     page = (root / "sweep.html").read_text()
@@ -213,7 +209,7 @@ def test_report_of_a_sweep_and_of_one_run(project):
     assert len(report_run.data.tags["saeflow.report_of"].split(",")) == 3
     assert [a.path for a in c.list_artifacts(report_run.info.run_id, "report")] == [
         "report/sweep.html"]
-    _run([str(BIN / "saeflow"), "report", "--out", "one.html"], root, env)
+    run([str(BIN / "saeflow"), "report", "--out", "one.html"], root, env)
     newest = [r for r in _runs(root) if "sparsity/rho_hat_mean" in r.data.metrics][-1]
     assert "report/one.html" in {a.path for a in c.list_artifacts(newest.info.run_id,
                                                                    "report")}
