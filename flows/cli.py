@@ -46,12 +46,17 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
     import time
 
     from sae_core import SparseAutoencoder
-    from sae_core.io import write_json
+    from sae_core.io import MODEL, write_json
+    from sae_core.outputs import PNG, check_paths
     from sae_core.patches import natural_patches
     from sae_core.plots import save_filter_grid
-    from sae_core.stats import sparsity_stats
+    from sae_core.stats import SPARSITY_METRICS, sparsity_stats
 
     out = Path(args.out)
+    check_paths(inputs={"--store": args.store},
+                outputs={"model": (out / "model", MODEL),
+                         "sparsity": (out / "sparsity.json", SPARSITY_METRICS),
+                         "filters": (out / "filters.png", PNG)})
     if args.store:
         from sae_core.patch_store import read_patch_store
 
@@ -74,7 +79,7 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
     stats = sparsity_stats(sae, X)
     rho_hat = stats.rho_hat
     sae.save(out / "model")
-    write_json(out / "sparsity.json", stats.metrics())
+    write_json(out / "sparsity.json", stats.metrics(), SPARSITY_METRICS)
     save_filter_grid(out / "filters.png", sae.components_, (side, side),
                      title="25 filters learned on natural patches (rho 0.01, beta 3)")
     n = X.shape[1]
@@ -355,18 +360,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, OSError, FloatingPointError, servers.ServiceError) as exc:
-        if args.debug:
-            raise
-        print(f"saeflow: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
     except Exception as exc:
         if args.debug:
             raise
-        detail = " ".join(str(exc).split())
-        print(f"saeflow: error: unexpected {type(exc).__name__}: {detail} "
-              "(run with --debug for the traceback)", file=sys.stderr)
-        return 1
+        print(f"saeflow: error: {error_line(exc)}", file=sys.stderr)
+        return 2 if _expected(exc) else 1
+
+
+def _expected(exc: BaseException) -> bool:
+    """An error about the user's input, files or services (exit 2), not a bug (exit 1)."""
+    from flows.tracking import store_error
+
+    return isinstance(exc, (ValueError, OSError, FloatingPointError, servers.ServiceError)) \
+        or store_error(exc) is not None
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user sees: the message (naming the file or setting at fault); for
+    MLflow and its database, the store and the cause; for anything unexpected, its type."""
+    from flows.tracking import store_error
+
+    line = store_error(exc)
+    if line is not None:
+        return line + " (run with --debug for the traceback)"
+    detail = " ".join(str(exc).split())
+    if _expected(exc):
+        return detail
+    return f"unexpected {type(exc).__name__}: {detail} (run with --debug for the traceback)"
 
 
 def entry() -> None:

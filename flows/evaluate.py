@@ -28,54 +28,65 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
 
     from sae_core import SparseAutoencoder, plots
     from sae_core.io import write_json
+    from sae_core.outputs import PNG, check_paths
     from sae_core.patch_store import read_patch_store
-    from sae_core.stats import sparsity_stats, write_per_unit
+    from sae_core.stats import SPARSITY_METRICS, UNITS, sparsity_stats, write_per_unit
 
-    # the store is opened (and checked) before any work, so an unreachable one fails fast
     c = tracking.client() if tracking_enabled() else None
-    with compute_timer("evaluate") as timer:
-        params, cfg = read_section(params_file, "evaluate", KEYS)
-        split = cfg.get("split", "heldout")
-        n_pairs = cfg.get("n_reconstructions", 10)
-        if not isinstance(n_pairs, int) or isinstance(n_pairs, bool) or n_pairs < 1:
-            # >= 1: the picture is a declared output, so there is always something to draw
-            raise ValueError(f"{params_file}: evaluate.n_reconstructions must be an integer "
-                             f">= 1; got {n_pairs!r}")
-        sae = SparseAutoencoder.load(model)
-        store = read_patch_store(patches)
-        X = store.split(split)
-        if X.shape[0] == 0:
-            raise ValueError(f"{patches}: the {split!r} split is empty (set "
-                             "patches.heldout_fraction > 0, or evaluate.split: train)")
-        stats = sparsity_stats(sae, X)
-        metrics = {**stats.metrics(), "split": split}
-        write_json(sparsity_metrics, metrics)
-        write_per_unit(units, stats)
-        shape = tuple(store.patch_shape)
-        rho = stats.rho if stats.rho is not None else None
-        plots.save_filter_grid(filters_png, sae.components_, shape,
-                               title=f"{sae.n_components} filters ({_setting(sae)})")
-        plots.save_rho_hat_histogram(rho_hat_png, stats.rho_hat, rho)
-        plots.write_rho_hat_csv(rho_hat_csv, stats.rho_hat, rho)
-        plots.save_loss_decomposition(loss_png, sae.history_)
-        pick = np.asarray(X[: min(n_pairs, X.shape[0])])
-        plots.save_reconstructions(reconstructions_png, pick, sae.reconstruct(pick), shape)
-    near = metrics.get("frac_units_near_target")
-    print(f"evaluate: {X.shape[0]} {split} patches; rho_hat in [{metrics['rho_hat_min']:.4f}, "
-          f"{metrics['rho_hat_max']:.4f}]"
-          + (f", {100 * near:.0f}% of units within [rho/2, 2 rho]" if near is not None else "")
-          + f"; {metrics['dead_units']} dead; FVU {metrics['fvu']:.3f} -> {sparsity_metrics}")
-    if c is not None:
-        experiment, _ = tracking_settings(params)
+    params, cfg = read_section(params_file, "evaluate", KEYS)
+    split = cfg.get("split", "heldout")
+    n_pairs = cfg.get("n_reconstructions", 10)
+    if not isinstance(n_pairs, int) or isinstance(n_pairs, bool) or n_pairs < 1:
+        # >= 1: the picture is a declared output, so there is always something to draw
+        raise ValueError(f"{params_file}: evaluate.n_reconstructions must be an integer "
+                         f">= 1; got {n_pairs!r}")
+    check_paths(inputs={"params": params_file, "model": model, "patches": patches},
+                outputs={"sparsity_metrics": (sparsity_metrics, SPARSITY_METRICS),
+                         "units": (units, UNITS), "filters_png": (filters_png, PNG),
+                         "rho_hat_png": (rho_hat_png, PNG),
+                         "rho_hat_csv": (rho_hat_csv, plots.RHO_HAT_CSV),
+                         "loss_png": (loss_png, PNG),
+                         "reconstructions_png": (reconstructions_png, PNG)})
+    sae = SparseAutoencoder.load(model)
+    store = read_patch_store(patches)
+    X = store.split(split)
+    if X.shape[0] == 0:
+        raise ValueError(f"{patches}: the {split!r} split is empty (set "
+                         "patches.heldout_fraction > 0, or evaluate.split: train)")
+    run_id = None
+    if c is not None:  # the record is opened before any output is written
         run_id = tracking.attach_run(
-            c, experiment, model_sha256=model_sha256(model), params=params, section="evaluate",
-            tags={**input_hashes([model, patches]), **prefect_tags("evaluate")})
-        tracking.log_stage(c, run_id, "sparsity", metrics=metrics, artifacts={
-            "sparsity": sparsity_metrics, "units": units, "filters": filters_png,
-            "rho_hat": rho_hat_png, "rho_hat_csv": rho_hat_csv, "loss": loss_png,
-            "reconstructions": reconstructions_png})
-        tracking.finish(c, run_id)
-        print(f"evaluate: added to MLflow run {run_id}")
+            c, tracking_settings(params)[0], model_sha256=model_sha256(model), params=params,
+            section="evaluate", tags={**input_hashes([model, patches]),
+                                      **prefect_tags("evaluate")})
+    with tracking.failed_on_error(c, run_id):
+        with compute_timer("evaluate") as timer:
+            stats = sparsity_stats(sae, X)
+            metrics = {**stats.metrics(), "split": split}
+            write_json(sparsity_metrics, metrics, SPARSITY_METRICS)
+            write_per_unit(units, stats)
+            shape = tuple(store.patch_shape)
+            rho = stats.rho if stats.rho is not None else None
+            plots.save_filter_grid(filters_png, sae.components_, shape,
+                                   title=f"{sae.n_components} filters ({_setting(sae)})")
+            plots.save_rho_hat_histogram(rho_hat_png, stats.rho_hat, rho)
+            plots.write_rho_hat_csv(rho_hat_csv, stats.rho_hat, rho)
+            plots.save_loss_decomposition(loss_png, sae.history_)
+            pick = np.asarray(X[: min(n_pairs, X.shape[0])])
+            plots.save_reconstructions(reconstructions_png, pick, sae.reconstruct(pick), shape)
+        near = metrics.get("frac_units_near_target")
+        print(f"evaluate: {X.shape[0]} {split} patches; rho_hat in "
+              f"[{metrics['rho_hat_min']:.4f}, {metrics['rho_hat_max']:.4f}]"
+              + (f", {100 * near:.0f}% of units within [rho/2, 2 rho]" if near is not None
+                 else "")
+              + f"; {metrics['dead_units']} dead; FVU {metrics['fvu']:.3f} -> {sparsity_metrics}")
+        if c is not None:
+            tracking.log_stage(c, run_id, "sparsity", metrics=metrics, artifacts={
+                "sparsity": sparsity_metrics, "units": units, "filters": filters_png,
+                "rho_hat": rho_hat_png, "rho_hat_csv": rho_hat_csv, "loss": loss_png,
+                "reconstructions": reconstructions_png})
+            tracking.complete_stage(c, run_id, "evaluate")
+            print(f"evaluate: added to MLflow run {run_id}")
     return {**metrics, "seconds": timer["seconds"]}
 
 

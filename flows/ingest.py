@@ -17,12 +17,22 @@ def ingest(images: str, images_manifest: str, labeled: str | None = None,
            data_dir: str = "data") -> dict:
     """Read ``ingest.sources`` (and ``ingest.labeled_sources``) and write the datasets.
     Everything is read and checked before anything is written."""
-    from sae_core.dataset import write_dataset
+    from sae_core.dataset import DATASET, MANIFEST, write_dataset
+    from sae_core.outputs import check_paths
     from sae_core.sources import ingest as read_sources
+    from sae_core.sources import local_paths
 
     with compute_timer("ingest") as timer:
         _, cfg = read_section(params_file, "ingest", KEYS)
         root = Path(params_file).resolve().parent
+        sources = {**local_paths(cfg.get("sources") or [], root),
+                   **{k.replace("sources", "labeled_sources"): v for k, v in
+                      local_paths(cfg.get("labeled_sources") or [], root).items()}}
+        check_paths(inputs={"params": params_file, **sources},
+                    outputs={"images": (images, DATASET), "images_manifest": (images_manifest,
+                                                                              MANIFEST),
+                             "labeled": (labeled, DATASET),
+                             "labeled_manifest": (labeled_manifest, MANIFEST)})
         sets = {"images": read_sources(cfg.get("sources") or [], root=root,
                                        data_dir=root / data_dir)}
         if labeled is not None:

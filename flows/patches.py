@@ -13,11 +13,15 @@ def patches(images: str, patches: str, transform: str,
     """Cut, whiten and normalise patches; a bad setting or image writes nothing."""
     from sae_core.dataset import read_dataset
     from sae_core.io import sha256_file
-    from sae_core.patch_store import write_patch_store
-    from sae_core.patches import PatchConfig, make_patches
+    from sae_core.outputs import check_paths
+    from sae_core.patch_store import PATCH_STORE, write_patch_store
+    from sae_core.patches import TRANSFORM, PatchConfig, make_patches
 
     with compute_timer("patches") as timer:
         _, cfg = read_section(params_file, "patches")
+        check_paths(inputs={"params": params_file, "images": images},
+                    outputs={"patches": (patches, PATCH_STORE), "transform": (transform,
+                                                                              TRANSFORM)})
         config = PatchConfig.from_dict(cfg)
         dataset = read_dataset(images)
         train, heldout, fitted = make_patches(dataset.images, config)

@@ -75,16 +75,45 @@ def sweep_setting(runs) -> str | None:
     return differs[0] if len(differs) == 1 else None
 
 
+def _log_report(c, runs, out: str, experiment: str) -> str | None:
+    """Log the page to the run it reports (or to a new run, for several): the run id; None,
+    with a notice, where the store is read-only (the report is then only the file)."""
+    import sys
+
+    problem = tracking.store_writable(c.tracking_uri)
+    if problem:
+        print(f"report: not logged to MLflow ({problem})", file=sys.stderr)
+        return None
+    try:
+        if len(runs) == 1:
+            target = runs[0].info.run_id
+        else:
+            target = c.create_run(tracking.experiment_id(c, experiment),
+                                  run_name=f"report of {len(runs)} runs",
+                                  tags={"saeflow.report_of": ",".join(
+                                      r.info.run_id for r in runs)}).info.run_id
+        c.log_artifact(target, out, "report")
+        if len(runs) > 1:
+            c.set_terminated(target, "FINISHED")
+    except Exception as exc:  # the page is written; the store refusing it is a notice
+        line = tracking.store_error(exc) or " ".join(str(exc).split())
+        print(f"report: not logged to MLflow ({line})", file=sys.stderr)
+        return None
+    return target
+
+
 @flow(name="report", log_prints=False, persist_result=False)
 def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | None = None,
                 last: int = 1, experiment: str = "saeflow") -> dict:
     import numpy as np
     from prefect.artifacts import create_markdown_artifact
 
+    from sae_core.outputs import HTML, check_target
     from sae_core.plots import sweep_png
     from sae_core.report import RunSummary, write_report
     from sae_core.stats import read_per_unit
 
+    check_target(out, HTML)  # before the work; write_report checks again as it writes
     c = tracking.client(create=False)
     runs = select_runs(c, experiment, run_ids or (), where or (), last)
     differing = [k for k in sorted({k for r in runs for k in r.data.params})
@@ -128,16 +157,7 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
              else f"saeflow report: {len(runs)} runs" + (f", sweep over {setting}"
                                                           if setting else ""))
     write_report(out, summaries, title=title, overview=overview)
-    if len(runs) == 1:
-        target = runs[0].info.run_id
-    else:
-        target = c.create_run(tracking.experiment_id(c, experiment),
-                              run_name=f"report of {len(runs)} runs",
-                              tags={"saeflow.report_of": ",".join(r.info.run_id
-                                                                  for r in runs)}).info.run_id
-    c.log_artifact(target, out, "report")
-    if len(runs) > 1:
-        tracking.finish(c, target)
+    target = _log_report(c, runs, out, experiment)
     rows = ["| run | " + " | ".join(differing[:6]) + " | rho_hat_mean | dead | FVU | accuracy "
             "| raw |", "|" + "---|" * (len(differing[:6]) + 6)]
     for s, r in zip(summaries, runs, strict=True):
@@ -149,9 +169,11 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
         rows.append(f"| {s.name} | " + " | ".join(map(str, cells)) + " |")
     create_markdown_artifact(
         key="saeflow-report",
-        markdown=f"# {title}\n\nHTML report: `{Path(out).resolve()}` (also MLflow run "
-                 f"`{target}`, artifact `report/{Path(out).name}`)\n\n" + "\n".join(rows),
+        markdown=f"# {title}\n\nHTML report: `{Path(out).resolve()}`"
+                 + (f" (also MLflow run `{target}`, artifact `report/{Path(out).name}`)"
+                    if target else "") + "\n\n" + "\n".join(rows),
         description=title)
-    print(f"report: {len(runs)} run(s) -> {out}; logged to MLflow run {target}")
+    print(f"report: {len(runs)} run(s) -> {out}"
+          + (f"; logged to MLflow run {target}" if target else ""))
     return {"out": out, "runs": [r.info.run_id for r in runs], "mlflow_run": target,
             "sweep": setting}

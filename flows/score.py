@@ -28,48 +28,55 @@ def score(model: str, labeled: str, transform: str, patches: str, score_metrics:
     from sae_core.dataset import read_dataset
     from sae_core.device import resolve_device
     from sae_core.io import write_json
+    from sae_core.outputs import check_paths
     from sae_core.patch_store import read_patch_store
     from sae_core.patches import PatchConfig, PatchTransform
-    from sae_core.score import ScoreConfig
+    from sae_core.score import SCORE_METRICS, ScoreConfig
     from sae_core.score import score as run_score
 
     c = tracking.client() if tracking_enabled() else None  # fail fast on a bad store
-    with compute_timer("score") as timer:
-        params, cfg = read_section(params_file, "score")
-        config = ScoreConfig.from_dict(cfg)
-        sae = SparseAutoencoder.load(model)
-        data = read_dataset(labeled)
-        if data.labels is None:
-            raise ValueError(f"{labeled}: the dataset has no labels")
-        shapes = {img.shape for img in data.images}
-        if len(shapes) != 1:
-            raise ValueError(f"{labeled}: images of {len(shapes)} different shapes; scoring "
-                             "needs one shape")
-        images = np.stack(data.images)
-        patch_config = PatchConfig.from_dict(read_patch_store(patches).config)
-        # features are extracted on the model's device (CUDA when train.device is auto and
-        # a GPU is present; the CPU gives the same bytes run to run)
-        result = run_score(sae, images, data.labels, config,
-                           transform=PatchTransform.load(transform), patch_config=patch_config,
-                           device=str(resolve_device(sae.device)))
-        metrics = result.metrics()
-        # timings go to MLflow only: the metrics file stays the same bytes run to run
-        timings = {k: metrics.pop(k) for k in list(metrics)
-                   if k.endswith("_seconds") or k.endswith("_per_second")}
-        write_json(score_metrics, metrics)
-    print(f"score: accuracy {metrics['accuracy']:.4f} with {metrics.get('n_features', '?')} "
-          f"SAE features vs {metrics['raw_accuracy']:.4f} with raw pixels "
-          f"({metrics['n_train']} train / {metrics['n_test']} test) -> {score_metrics}")
-    if c is not None:
-        experiment, _ = tracking_settings(params)
+    params, cfg = read_section(params_file, "score")
+    config = ScoreConfig.from_dict(cfg)
+    check_paths(inputs={"params": params_file, "model": model, "labeled": labeled,
+                        "transform": transform, "patches": patches},
+                outputs={"score_metrics": (score_metrics, SCORE_METRICS)})
+    sae = SparseAutoencoder.load(model)
+    data = read_dataset(labeled)
+    if data.labels is None:
+        raise ValueError(f"{labeled}: the dataset has no labels")
+    shapes = {img.shape for img in data.images}
+    if len(shapes) != 1:
+        raise ValueError(f"{labeled}: images of {len(shapes)} different shapes; scoring "
+                         "needs one shape")
+    patch_config = PatchConfig.from_dict(read_patch_store(patches).config)
+    fitted = PatchTransform.load(transform)
+    run_id = None
+    if c is not None:  # the record is opened before any output is written
         run_id = tracking.attach_run(
-            c, experiment, model_sha256=model_sha256(model), params=params, section="score",
-            tags={**input_hashes([model, labeled, transform, patches]),
-                  **prefect_tags("score")})
-        tracking.log_stage(c, run_id, "score", metrics={**metrics, **timings},
-                           artifacts={"score": score_metrics})
-        tracking.finish(c, run_id)
-        print(f"score: added to MLflow run {run_id}")
+            c, tracking_settings(params)[0], model_sha256=model_sha256(model), params=params,
+            section="score", tags={**input_hashes([model, labeled, transform, patches]),
+                                   **prefect_tags("score")})
+    with tracking.failed_on_error(c, run_id):
+        with compute_timer("score") as timer:
+            # features are extracted on the model's device (CUDA when train.device is auto
+            # and a GPU is present; the CPU gives the same bytes run to run)
+            result = run_score(sae, np.stack(data.images), data.labels, config,
+                               transform=fitted, patch_config=patch_config,
+                               device=str(resolve_device(sae.device)))
+            metrics = result.metrics()
+            # timings go to MLflow only: the metrics file stays the same bytes run to run
+            timings = {k: metrics.pop(k) for k in list(metrics)
+                       if k.endswith("_seconds") or k.endswith("_per_second")}
+            write_json(score_metrics, metrics, SCORE_METRICS)
+        print(f"score: accuracy {metrics['accuracy']:.4f} with "
+              f"{metrics.get('n_features', '?')} SAE features vs {metrics['raw_accuracy']:.4f} "
+              f"with raw pixels ({metrics['n_train']} train / {metrics['n_test']} test) -> "
+              f"{score_metrics}")
+        if c is not None:
+            tracking.log_stage(c, run_id, "score", metrics={**metrics, **timings},
+                               artifacts={"score": score_metrics})
+            tracking.complete_stage(c, run_id, "score")
+            print(f"score: added to MLflow run {run_id}")
     return {**metrics, "seconds": timer["seconds"]}
 
 

@@ -23,8 +23,11 @@ from flows.stage_support import (
     tracking_enabled,
     tracking_settings,
 )
+from sae_core.outputs import json_with_keys
 
 TRAIN_METRICS = ("loss", "reconstruction", "weight_decay", "sparsity")
+METRICS = json_with_keys("saeflow training metrics (JSON)", "loss", "iterations")
+"""The kind of file the training metrics are written to."""
 
 
 def _allowed() -> set[str]:
@@ -54,45 +57,61 @@ class _Progress:
 
 def train(patches: str, model: str, train_metrics: str, loss_csv: str,
           params_file: str = "params.yaml") -> dict:
-    """Fit ``SparseAutoencoder(**params['train'])`` on the store's training patches."""
+    """Fit ``SparseAutoencoder(**params['train'])`` on the store's training patches.
+
+    Order: settings, paths and the patch store are checked, then the MLflow run is opened
+    (a store that cannot take it fails the stage here), then the fit and the outputs; a
+    failure after the run was opened ends it FAILED."""
     from sae_core import SparseAutoencoder
     from sae_core.config import SAEConfig
-    from sae_core.io import check_model_target, write_json
+    from sae_core.io import MODEL, write_json
+    from sae_core.outputs import check_paths
     from sae_core.patch_store import read_patch_store
-    from sae_core.plots import write_loss_csv
+    from sae_core.plots import LOSS_CSV, write_loss_csv
 
-    # the store is opened (and checked) and the code's git state read before any output
-    # is written (the outputs themselves would make the tree look modified)
     c = tracking.client() if tracking_enabled() else None
-    git = tracking.git_tags() if c is not None else {}
-    with compute_timer("train") as timer:
-        params, cfg = read_section(params_file, "train", _allowed())
-        try:
-            config = SAEConfig(**cfg)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{params_file}: train: {exc}") from None
-        store = read_patch_store(patches)
-        check_model_target(model)  # before the fit: a user's folder there is never replaced
+    params, cfg = read_section(params_file, "train", _allowed())
+    try:
+        config = SAEConfig(**cfg)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{params_file}: train: {exc}") from None
+    check_paths(inputs={"params": params_file, "patches": patches},
+                outputs={"model": (model, MODEL), "train_metrics": (train_metrics, METRICS),
+                         "loss_csv": (loss_csv, LOSS_CSV)})
+    store = read_patch_store(patches)
+    # the git state is read before any output exists (outputs make the tree look modified)
+    run_id = _open_run(c, params, store, patches, params_file) if c is not None else None
+    with tracking.failed_on_error(c, run_id), compute_timer("train") as timer:
         sae = SparseAutoencoder(**cfg, callbacks=[_Progress(config.max_iter)])
         sae.fit(store.train)
         sae.callbacks = None
         sae.save(model)
+    with tracking.failed_on_error(c, run_id):
         last = sae.history_[-1]
         result = {k: float(last[k]) for k in TRAIN_METRICS}
         result["iterations"] = int(sae.n_iter_)
-    # the fit's wall time is a metric of the run, not of the data: it is the one key here
-    # that differs between two identical runs (metrics files are not DVC-cached)
-    result["seconds"] = round(timer["seconds"], 3)
-    write_json(train_metrics, result)
-    write_loss_csv(loss_csv, sae.history_)
-    n = sae.n_features_in_
-    print(f"train: {n}-{sae.n_components}-{n} {sae.penalty} model, {sae.n_iter_} iterations "
-          f"({sae.stop_reason_ or 'max_iter'}) in {timer['seconds']:.2f} s; "
-          f"loss {result['loss']:.5f} -> {model}")
-    if c is not None:
-        _record(c, git, params, store, sae, model, train_metrics, loss_csv, patches, result,
-                params_file)
+        # the fit's wall time is a metric of the run, not of the data: it is the one key
+        # here that differs between two identical runs (metrics files are not DVC-cached)
+        result["seconds"] = round(timer["seconds"], 3)
+        write_json(train_metrics, result, METRICS)
+        write_loss_csv(loss_csv, sae.history_)
+        n = sae.n_features_in_
+        print(f"train: {n}-{sae.n_components}-{n} {sae.penalty} model, {sae.n_iter_} iterations "
+              f"({sae.stop_reason_ or 'max_iter'}) in {timer['seconds']:.2f} s; "
+              f"loss {result['loss']:.5f} -> {model}")
+        if c is not None:
+            _record(c, run_id, params, store, sae, model, train_metrics, loss_csv, patches,
+                    result, params_file)
     return result
+
+
+def _open_run(c, params, store, patches, params_file) -> str:
+    experiment, _ = tracking_settings(params)
+    data = lineage_tags(project_root(), _data_inputs(patches, store, params_file))
+    tags = {**tracking.git_tags(), **data, **prefect_tags("train"),
+            "saeflow.dataset_sha256": store.source_sha256}
+    return tracking.open_run(c, experiment, params=params, tags=tags,
+                             run_name=tracking.run_name(params))
 
 
 def _data_inputs(patches: str, store, params_file: str) -> list[str]:
@@ -112,15 +131,13 @@ def _data_inputs(patches: str, store, params_file: str) -> list[str]:
     return inputs
 
 
-def _record(c, git, params, store, sae, model, metrics, loss_csv, patches, result,
+def _record(c, run_id, params, store, sae, model, metrics, loss_csv, patches, result,
             params_file) -> None:
-    experiment, registered = tracking_settings(params)
-    data = lineage_tags(project_root(), _data_inputs(patches, store, params_file))
-    tags = {**git, **data, **prefect_tags("train"),
-            "saeflow.dataset_sha256": store.source_sha256}
+    _, registered = tracking_settings(params)
+    tags = c.get_run(run_id).data.tags
+    data = {k: v for k, v in tags.items() if k.startswith("dvc.")}
     sha = model_sha256(model)
-    run_id = tracking.open_run(c, experiment, model_sha256=sha, params=params, tags=tags,
-                               run_name=tracking.run_name(params))
+    tracking.tag_model(c, run_id, sha)
     tracking.log_stage(c, run_id, "train", metrics=result,
                        artifacts={"metrics": metrics, "loss": loss_csv})
     settings = {k: str(getattr(sae, k)) for k in tracking.SETTINGS}
@@ -128,6 +145,7 @@ def _record(c, git, params, store, sae, model, metrics, loss_csv, patches, resul
         **settings, **data, "data.md5": data[f"dvc.md5:{Path(patches).as_posix()}"],
         "dataset_sha256": store.source_sha256, "git.commit": tags["git.commit"],
         "model_sha256": sha, "run_id": run_id})
+    tracking.complete_stage(c, run_id, "train")
     print(f"train: MLflow run {run_id}; registered {registered} version {version}")
 
 

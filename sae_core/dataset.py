@@ -29,9 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from sae_core.io import sha256_file, write_json, write_tagged_parquet
+from sae_core.outputs import json_with_keys, parquet_with_metadata
 
 DATASET_FORMAT_VERSION = 1
 _META_KEY = b"saeflow"
+DATASET = parquet_with_metadata("a saeflow dataset (Parquet)", _META_KEY)
+MANIFEST = json_with_keys("a saeflow dataset manifest", "format_version", "n_images", "parquet")
 UNLABELED = -1
 """The label of an unlabelled image in a partly labelled ImageSet (as in scikit-learn)."""
 
@@ -261,10 +264,11 @@ def write_dataset(
     """
     table = _to_table(imageset)
     parquet_path = Path(parquet_path)
-    write_tagged_parquet(parquet_path, table, use_dictionary=True, row_group_size=4096)
+    write_tagged_parquet(parquet_path, table, DATASET, use_dictionary=True,
+                         row_group_size=4096)
     content = manifest(imageset)
     content["parquet"] = {"file": parquet_path.name, "sha256": sha256_file(parquet_path)}
-    write_json(manifest_path, content)
+    write_json(manifest_path, content, MANIFEST)
     return content
 
 

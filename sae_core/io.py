@@ -2,7 +2,9 @@
 
 Nothing here unpickles: weights are safetensors, settings and counters are JSON. Every
 write goes to a temporary file in the target's folder and is renamed into place, so a
-crash never leaves a half-written file behind (that DVC would then cache).
+crash never leaves a half-written file behind (that DVC would then cache); and every write
+names the kind of output it makes, so an existing path of another kind (a user's file) is
+refused, never replaced (:mod:`sae_core.outputs`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sae_core.outputs import OutputKind, check_target
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
@@ -43,27 +47,65 @@ class FileFormatError(ValueError):
     """A file that is missing, corrupt or not what it claims to be; the message names it."""
 
 
+class WriteError(OSError):
+    """Writing an output failed (disk full, file too large, I/O error); the message names
+    the output, not the temporary file beside it."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
+def atomic_path(path: str | os.PathLike, kind: OutputKind) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    ``path`` must be absent or hold ``kind`` already (:func:`sae_core.outputs.check_target`;
+    an :class:`~sae_core.outputs.OutputError` otherwise, before anything is written). A
+    failed write is a :class:`WriteError` naming ``path``; the old file is then kept.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    check_target(target, kind)
+    tmp_path = None
     try:
-        yield tmp_path
-        # mkstemp makes 0600 (and some writers replace the file): outputs get the usual mode
-        os.chmod(tmp_path, 0o666 & ~UMASK)
-        os.replace(tmp_path, target)
+        with _naming(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                       dir=target.parent)
+            os.close(fd)
+            tmp_path = Path(tmp)
+            yield tmp_path
+            # mkstemp makes 0600 (and some writers replace the file): the usual mode
+            os.chmod(tmp_path, 0o666 & ~UMASK)
+            os.replace(tmp_path, target)
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented, key-sorted JSON (stable bytes for DVC), atomically."""
-    with atomic_path(path) as tmp:
+@contextmanager
+def _naming(target: Path) -> Iterator[None]:
+    """An OSError while writing ``target`` becomes a :class:`WriteError` naming it."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise WriteError(f"{target}: cannot write ({_reason(exc)}); the previous version, "
+                         "if any, is unchanged") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """An OSError's cause by its errno ("No space left on device"), without the temporary
+    file's name or a library's wording around it; else the message."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return one_line(exc)
+
+
+def write_json(path: str | os.PathLike, obj: Any, kind: OutputKind) -> None:
+    """Write ``obj`` as indented, key-sorted JSON (stable bytes for DVC), atomically, at a
+    path that is absent or holds ``kind``."""
+    with atomic_path(path, kind) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
@@ -91,12 +133,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return file_digest(path, "sha256")
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], meta: dict) -> None:
-    """Arrays to a safetensors file with ``meta`` as JSON in its header, atomically."""
+def save_tensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], meta: dict,
+                 kind: OutputKind) -> None:
+    """Arrays to a safetensors file with ``meta`` as JSON in its header, atomically, at a
+    path that is absent or holds ``kind``."""
     from safetensors.numpy import save_file
 
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, kind) as tmp:
         save_file(arrays, str(tmp), metadata={"saeflow": json.dumps(meta, sort_keys=True)})
 
 
@@ -122,14 +166,14 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
-def write_tagged_parquet(path: str | os.PathLike, table: Any, *, use_dictionary: bool,
-                         row_group_size: int | None = None) -> None:
+def write_tagged_parquet(path: str | os.PathLike, table: Any, kind: OutputKind, *,
+                         use_dictionary: bool, row_group_size: int | None = None) -> None:
     """Write a pyarrow table (its schema carrying saeflow's JSON metadata) as Parquet,
     atomically, with fixed settings and no timestamps: the bytes are a function of the
     table (for a given pyarrow version). Read back with :func:`read_tagged_parquet`."""
     import pyarrow.parquet as pq
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, kind) as tmp:
         pq.write_table(table, tmp, compression="zstd", compression_level=3,
                        use_dictionary=use_dictionary, write_statistics=False,
                        row_group_size=row_group_size, version="2.6", data_page_version="1.0",
@@ -165,42 +209,35 @@ def read_tagged_parquet(path: str | os.PathLike, meta_key: bytes, schema: Any,
     return table, meta
 
 
-def check_model_target(directory: str | os.PathLike) -> None:
-    """A model may be written at ``directory`` only if nothing is there or a saeflow model
-    folder is (``config.json`` with this format_version, and nothing but the two model
-    files): a user's own file or folder is never replaced. ValueError otherwise."""
-    d = Path(directory)
-    if not os.path.lexists(d):
-        return
-    if d.is_symlink() or not d.is_dir():
-        raise ValueError(f"{d}: exists and is not a model folder; nothing was written")
-    names = sorted(p.name for p in d.iterdir())
-    foreign = [n for n in names if n not in (MODEL_WEIGHTS, MODEL_CONFIG)]
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ValueError(f"{d}: exists and is not a saeflow model folder (it holds {shown}); "
-                         "nothing was written")
-    if names:
-        try:
-            config = read_json(d / MODEL_CONFIG)
-        except FileFormatError:
-            config = None
-        if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{d}: exists and is not a saeflow model folder (no saeflow "
-                             f"{MODEL_CONFIG}); nothing was written")
+def _is_model_folder(d: Path) -> bool:
+    """Empty, or nothing but the two model files with a config.json of this format."""
+    names = {p.name for p in d.iterdir()}
+    if not names:
+        return True
+    if not names <= {MODEL_WEIGHTS, MODEL_CONFIG}:
+        return False
+    config = json.loads((d / MODEL_CONFIG).read_text())
+    return isinstance(config, dict) and config.get("format_version") == FORMAT_VERSION
+
+
+MODEL = OutputKind("a saeflow model folder",
+                   _is_model_folder, folder=True)
+_WEIGHTS = OutputKind("model weights", lambda p: False)  # only ever written into a new folder
+_CONFIG = OutputKind("a model config", lambda p: False)
 
 
 def save_model(directory: str | os.PathLike, arrays: dict[str, np.ndarray], config: dict) -> None:
     """A model folder: ``model.safetensors`` (weights) and ``config.json`` (settings, shapes,
     and the sha256 of the weights file, so a mismatched pair is detected on load). An
-    existing path is replaced only if it is a saeflow model folder (check_model_target)."""
+    existing path is replaced only if it is a saeflow model folder (:data:`MODEL`)."""
     d = Path(directory)
-    check_model_target(d)
-    d.parent.mkdir(parents=True, exist_ok=True)
-    # both files go into a fresh folder that replaces the old one only when complete
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".tmp", dir=d.parent))
+    check_target(d, MODEL)
+    with _naming(d):
+        d.parent.mkdir(parents=True, exist_ok=True)
+        # both files go into a fresh folder that replaces the old one only when complete
+        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".tmp", dir=d.parent))
     try:
-        save_tensors(tmp / MODEL_WEIGHTS, arrays, {"format_version": FORMAT_VERSION})
+        save_tensors(tmp / MODEL_WEIGHTS, arrays, {"format_version": FORMAT_VERSION}, _WEIGHTS)
         write_json(
             tmp / MODEL_CONFIG,
             {
@@ -209,14 +246,18 @@ def save_model(directory: str | os.PathLike, arrays: dict[str, np.ndarray], conf
                 "shapes": {k: list(np.shape(v)) for k, v in arrays.items()},
                 **config,
             },
+            _CONFIG,
         )
-        os.chmod(tmp, 0o777 & ~UMASK)
-        old = None
-        if d.exists():
-            old = d.parent / f".{d.name}.old-{os.getpid()}"
-            os.replace(d, old)
-        os.replace(tmp, d)
-        if old is not None:
+        with _naming(d):
+            os.chmod(tmp, 0o777 & ~UMASK)
+            old = None
+            if os.path.lexists(d):
+                old = d.parent / f".{d.name}.old-{os.getpid()}"
+                os.replace(d, old)
+            os.replace(tmp, d)
+        if old is not None and old.is_symlink():
+            old.unlink()  # a link is replaced; the folder it pointed to is left as it was
+        elif old is not None:
             shutil.rmtree(old)
     finally:
         if tmp.exists():

@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 
 from sae_core.io import FileFormatError, atomic_path
+from sae_core.outputs import arrow_with_metadata
 
 STORE_FORMAT = "saeflow-patch-store"
 STORE_VERSION = 1
 METADATA_KEY = b"saeflow"
+PATCH_STORE = arrow_with_metadata("a saeflow patch store (Arrow IPC)", METADATA_KEY)
 COLUMN = "patch"
 SPLITS = ("train", "heldout")
 _CHECK_ROWS = 1 << 16
@@ -125,7 +127,7 @@ def write_patch_store(
         metadata={METADATA_KEY: meta_json.encode()},
     )
     options = ipc.IpcWriteOptions(compression=None)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, PATCH_STORE) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, schema, options=options) as w:
             for arr in (train, heldout):
                 column = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), d)

@@ -27,6 +27,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from sae_core.config import is_int, is_real
+from sae_core.outputs import safetensors_with
 
 
 def whiten_1f(image: np.ndarray, f0: float = 0.4) -> np.ndarray:
@@ -464,6 +465,8 @@ def _fit_zca(x: np.ndarray, stage: Callable[[np.ndarray], np.ndarray], epsilon: 
 
 
 TRANSFORM_FORMAT = "saeflow-patch-transform"
+TRANSFORM = safetensors_with("a saeflow patch transform (safetensors)",
+                             lambda meta: meta.get("format") == TRANSFORM_FORMAT)
 TRANSFORM_VERSION = 1
 
 
@@ -625,7 +628,7 @@ class PatchTransform:
         tensors = {}
         if self.zca is not None:
             tensors = {"zca_mean": self.zca.mean, "zca_matrix": self.zca.matrix}
-        save_tensors(path, tensors, self.to_dict())
+        save_tensors(path, tensors, self.to_dict(), TRANSFORM)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PatchTransform:

@@ -5,7 +5,8 @@ for notebooks), a ``*_png`` twin returning its PNG bytes (for reports) and a ``s
 twin writing those bytes atomically (:func:`sae_core.io.atomic_path`).
 The same input gives the same bytes, in any process, for a given matplotlib version:
 figures are drawn under matplotlib's default style (a user's matplotlibrc changes nothing),
-without pyplot (no global figure state), and saved without the "Software" PNG text chunk.
+without pyplot (no global figure state), and saved with "saeflow" as the PNG "Software"
+text (not the matplotlib version; it also marks the file as saeflow's own, to be replaced).
 
 Pictures:
 
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from sae_core.io import atomic_path
+from sae_core.outputs import PNG, PNG_SOFTWARE, csv_with_header
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -68,14 +70,14 @@ def _figure(figsize: tuple[float, float], draw: Callable[[Any], None]) -> Figure
 
 
 def figure_png(fig: Figure) -> bytes:
-    """A figure's PNG bytes: rendered by Agg under matplotlib's default style, without the
-    "Software" text chunk (it names the matplotlib version), so equal figures give equal
-    bytes."""
+    """A figure's PNG bytes: rendered by Agg under matplotlib's default style, with the
+    "Software" text "saeflow" (matplotlib's would name its version), so equal figures give
+    equal bytes and the file is recognised as saeflow's (:data:`sae_core.outputs.PNG`)."""
     import matplotlib.style
 
     buf = io.BytesIO()
     with matplotlib.style.context("default"):
-        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": PNG_SOFTWARE})
     return buf.getvalue()
 
 
@@ -83,7 +85,7 @@ def write_png(path: str | os.PathLike, png: bytes) -> None:
     """Write PNG bytes to ``path`` atomically (temporary file beside it, then rename)."""
     if not isinstance(png, (bytes, bytearray)) or not bytes(png[:8]) == b"\x89PNG\r\n\x1a\n":
         raise ValueError("png must be the bytes of a PNG image")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, PNG) as tmp:
         tmp.write_bytes(bytes(png))
 
 
@@ -782,9 +784,14 @@ def _num(x: float) -> str:
     return repr(float(x))
 
 
-def _write_csv(path: str | os.PathLike, header: Sequence[str], rows: list[list[str]]) -> None:
+LOSS_CSV = csv_with_header("a saeflow loss CSV", "iteration,loss,")
+RHO_HAT_CSV = csv_with_header("a saeflow rho_hat CSV", "unit,rho_hat,target")
+
+
+def _write_csv(path: str | os.PathLike, header: Sequence[str], rows: list[list[str]],
+               kind) -> None:
     text = "".join(",".join(r) + "\n" for r in [list(header), *rows])
-    with atomic_path(path) as tmp:
+    with atomic_path(path, kind) as tmp:
         tmp.write_bytes(text.encode("ascii"))
 
 
@@ -802,7 +809,7 @@ def write_loss_csv(path: str | os.PathLike, history: Sequence[Mapping[str, Any]]
         [str(int(cols["iteration"][t]))] + [_num(cols[c][t]) for c in header[1:]]
         for t in range(cols["loss"].size)
     ]
-    _write_csv(path, header, rows)
+    _write_csv(path, header, rows, LOSS_CSV)
 
 
 def write_rho_hat_csv(
@@ -814,4 +821,4 @@ def write_rho_hat_csv(
     rho = _check_rho(rho)
     target = "" if rho is None else _num(rho)
     _write_csv(path, ["unit", "rho_hat", "target"],
-               [[str(j), _num(v[j]), target] for j in range(v.size)])
+               [[str(j), _num(v[j]), target] for j in range(v.size)], RHO_HAT_CSV)

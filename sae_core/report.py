@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_core.io import atomic_path
+from sae_core.outputs import HTML, HTML_GENERATOR
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MISSING = "\u2014"
@@ -321,6 +322,7 @@ def render_report(runs: Sequence[RunSummary], title: str = "saeflow report",
         '<html lang="en">',
         "<head>",
         '<meta charset="utf-8">',
+        HTML_GENERATOR,
         f"<title>{_esc(title)}</title>",
         f"<style>\n{_CSS}\n</style>",
         "</head>",
@@ -339,5 +341,5 @@ def write_report(
 ) -> None:
     """Write :func:`render_report` to ``path`` (UTF-8), atomically."""
     text = render_report(runs, title, overview)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, HTML) as tmp:
         tmp.write_bytes(text.encode("utf-8"))

@@ -35,6 +35,7 @@ import numpy as np
 
 from sae_core.config import is_int, is_real
 from sae_core.features import INTERPOLATIONS, POOL_OPS, as_image_stack
+from sae_core.outputs import json_with_keys
 
 PROTOCOLS = ("standard", "self_taught")
 CLASSIFIERS = ("logistic", "linear_svm")
@@ -56,6 +57,10 @@ def _classes(name: str, value: Any) -> tuple[int, ...] | None:
     if not items or not all(is_int(v) and v >= 0 for v in items) or len(set(items)) != len(items):
         _fail(name, "a non-empty list of distinct integer class ids >= 0, or null", value)
     return tuple(int(v) for v in items)
+
+
+SCORE_METRICS = json_with_keys("saeflow score metrics (JSON)", "accuracy", "raw_accuracy")
+"""The kind of file :meth:`ScoreResult.metrics` is written to."""
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,21 @@ class SourceSpec:
         return cls(**v)
 
 
+def local_paths(sources: list[dict[str, Any]], root: Path | str = ".") -> dict[str, Path]:
+    """The files and folders on disk that ``sources`` read, by a name for messages
+    ("ingest.sources[0]"); downloaded sources are left out (they live in the download
+    folder). A malformed source is a ValueError."""
+    found: dict[str, Path] = {}
+    for i, values in enumerate(sources):
+        spec = SourceSpec.from_dict(values)
+        if spec.url is not None:
+            continue
+        named = [spec.path, spec.labels_path, *spec.paths]
+        for j, rel in enumerate(p for p in named if p):
+            found[f"ingest.sources[{i}]" + (f" path {j + 1}" if j else "")] = Path(root) / rel
+    return found
+
+
 def _base_folder(spec: SourceSpec, root: Path, data_dir: Path) -> Path:
     """The folder the spec's relative paths start from: the project root, or, for a
     downloaded archive, the folder it was extracted into. A downloaded plain file with

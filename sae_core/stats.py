@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from sae_core.config import FIRE_THRESHOLD
+from sae_core.outputs import json_with_keys, parquet_with_metadata
 
 DESIGN_KEYS = (
     "rho",
@@ -189,6 +190,10 @@ def _json_number(x: Any) -> float | int | None:
 
 def _dense_key(threshold: float) -> str:
     return f"dense_units_{100.0 * threshold:.6g}pct"
+
+
+SPARSITY_METRICS = json_with_keys("saeflow sparsity statistics (JSON)", "rho_hat_mean", "fvu")
+"""The kind of file :meth:`SparsityStats.metrics` is written to."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -497,6 +502,7 @@ def sparsity_stats(
 
 PER_UNIT_FORMAT_VERSION = 1
 _PER_UNIT_META_KEY = b"saeflow"
+UNITS = parquet_with_metadata("a saeflow per-unit table (Parquet)", _PER_UNIT_META_KEY)
 PER_UNIT_COLUMNS = ("unit", "rho_hat", "firing_rate", "kl", "kurtosis", "max_activation")
 """Columns of the per-unit Parquet table (:meth:`SparsityStats.per_unit`), in order."""
 
@@ -542,7 +548,7 @@ def write_per_unit(path: str | os.PathLike, stats: SparsityStats) -> None:
         *(pa.array(np.asarray(columns[c], dtype=np.float64)) for c in PER_UNIT_COLUMNS[1:]),
     ]
     table = pa.Table.from_arrays(arrays, schema=schema)
-    write_tagged_parquet(path, table, use_dictionary=False)
+    write_tagged_parquet(path, table, UNITS, use_dictionary=False)
 
 
 def read_per_unit(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

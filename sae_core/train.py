@@ -26,6 +26,10 @@ from sae_core.device import resolve_device, resolve_dtype
 from sae_core.lbfgs import LBFGS, LBFGSState
 from sae_core.model import init_theta
 from sae_core.objective import TERM_NAMES, Evaluation, make_objective
+from sae_core.outputs import safetensors_with
+
+CHECKPOINT = safetensors_with("a saeflow training checkpoint",
+                              lambda meta: "fingerprint" in meta and "iteration" in meta)
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -376,7 +380,7 @@ class Trainer:
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to one safetensors file, atomically."""
         arrays, meta = self.state_dict()
-        io.save_tensors(path, arrays, meta)
+        io.save_tensors(path, arrays, meta, CHECKPOINT)
 
     def resume_from(self, path: str | os.PathLike, fingerprint: str | None = None) -> None:
         """Load a checkpoint written for the same settings (``max_iter`` may differ) and,

@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 
 from sae_core import SparseAutoencoder, io
+from sae_core.outputs import OutputKind
+
+ANY = OutputKind("a test output", lambda path: True)
+"""A kind that every existing file is (these tests are about the writes themselves)."""
 
 
 def fit(X, **kw):
@@ -156,7 +160,7 @@ def test_shape_mismatch_named(saved):
     _, folder = saved
     io.save_tensors(folder / "model.safetensors",
                     {"W1": np.zeros((2, 2)), "b1": np.zeros(2), "W2": np.zeros((2, 2)),
-                     "b2": np.zeros(2)}, {"format_version": 1})
+                     "b2": np.zeros(2)}, {"format_version": 1}, ANY)
     _fix_sha(folder)
     with pytest.raises(ValueError, match=r"model\.safetensors.*'W1'"):
         SparseAutoencoder.load(folder)
@@ -167,7 +171,7 @@ def test_non_finite_weights_named(saved):
     arrays = {"W1": sae.components_.copy(), "b1": sae.intercept_hidden_,
               "W2": sae.decoder_, "b2": sae.intercept_visible_}
     arrays["W1"][0, 0] = np.nan
-    io.save_tensors(folder / "model.safetensors", arrays, {"format_version": 1})
+    io.save_tensors(folder / "model.safetensors", arrays, {"format_version": 1}, ANY)
     _fix_sha(folder)
     with pytest.raises(ValueError, match=r"model\.safetensors.*NaN or Inf"):
         SparseAutoencoder.load(folder)
@@ -212,7 +216,7 @@ def test_load_never_unpickles(tmp_path, saved):
 def test_save_load_tensors_round_trip(tmp_path):
     arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2, 3])}
     meta = {"x": 1, "nested": {"y": [1.5, None]}}
-    io.save_tensors(tmp_path / "t.safetensors", arrays, meta)
+    io.save_tensors(tmp_path / "t.safetensors", arrays, meta, ANY)
     got, got_meta = io.load_tensors(tmp_path / "t.safetensors")
     assert got_meta == meta
     assert set(got) == {"a", "b"}
@@ -244,7 +248,7 @@ class Boom(Exception):
 
 def test_atomic_path_on_exception_leaves_nothing(tmp_path):
     target = tmp_path / "out.json"
-    with pytest.raises(Boom), io.atomic_path(target) as tmp:
+    with pytest.raises(Boom), io.atomic_path(target, ANY) as tmp:
         assert tmp.parent == tmp_path and tmp != target
         tmp.write_text("partial")
         raise Boom
@@ -255,7 +259,7 @@ def test_atomic_path_on_exception_leaves_nothing(tmp_path):
 def test_atomic_path_on_exception_keeps_old_target(tmp_path):
     target = tmp_path / "out.json"
     target.write_text("old")
-    with pytest.raises(Boom), io.atomic_path(target) as tmp:
+    with pytest.raises(Boom), io.atomic_path(target, ANY) as tmp:
         tmp.write_text("new")
         raise Boom
     assert target.read_text() == "old"
@@ -264,7 +268,7 @@ def test_atomic_path_on_exception_keeps_old_target(tmp_path):
 
 def test_atomic_path_success_replaces_target(tmp_path):
     target = tmp_path / "sub" / "out.txt"
-    with io.atomic_path(target) as tmp:
+    with io.atomic_path(target, ANY) as tmp:
         tmp.write_text("new")
         assert not target.exists()
     assert target.read_text() == "new"
@@ -273,12 +277,12 @@ def test_atomic_path_success_replaces_target(tmp_path):
 
 def test_write_json_stable_bytes(tmp_path):
     obj = {"b": [1, 2.5, None], "a": {"z": 1, "y": "text"}}
-    io.write_json(tmp_path / "one.json", obj)
+    io.write_json(tmp_path / "one.json", obj, ANY)
     first = (tmp_path / "one.json").read_bytes()
-    io.write_json(tmp_path / "one.json", obj)
+    io.write_json(tmp_path / "one.json", obj, ANY)
     assert (tmp_path / "one.json").read_bytes() == first
     # key order of the input does not matter
-    io.write_json(tmp_path / "two.json", dict(reversed(list(obj.items()))))
+    io.write_json(tmp_path / "two.json", dict(reversed(list(obj.items()))), ANY)
     assert (tmp_path / "two.json").read_bytes() == first
     assert first.endswith(b"\n")
     assert io.read_json(tmp_path / "one.json") == obj
@@ -331,8 +335,8 @@ def test_a_model_never_replaces_what_is_not_a_model(tmp_path, make):
         (tmp_path / "elsewhere" / "keep.txt").write_text("keep")
         target.symlink_to(tmp_path / "elsewhere")
     before = _tree_digest(tmp_path)
-    with pytest.raises(ValueError, match=r"results: exists and is not a (saeflow )?model "
-                       r"folder.*nothing was written") as info:
+    with pytest.raises(ValueError, match=r"results: exists and is (a file, )?not a saeflow "
+                       r"model folder.*nothing was written") as info:
         save_model(target, {"W": np.zeros((2, 2), np.float32)}, {})
     assert "\n" not in str(info.value)
     assert _tree_digest(tmp_path) == before

@@ -415,14 +415,16 @@ def test_patch_transform_save_load_round_trip(tmp_path, normalisation, zca):
 
 def test_patch_transform_load_errors(tmp_path):
     from sae_core.io import save_tensors
+    from sae_core.patches import TRANSFORM
 
     bad = tmp_path / "bad.safetensors"
-    save_tensors(bad, {}, {"format": "something else"})
+    save_tensors(bad, {}, {"format": "something else"}, TRANSFORM)
     with pytest.raises(FileFormatError, match=r"bad\.safetensors"):
         PatchTransform.load(bad)
+    bad = tmp_path / "bad2.safetensors"
     save_tensors(bad, {}, {**PatchTransform.fit(np.ones((3, 4)), "none").to_dict(),
-                           "zca_epsilon": 0.1})
-    with pytest.raises(FileFormatError, match=r"bad\.safetensors"):
+                           "zca_epsilon": 0.1}, TRANSFORM)
+    with pytest.raises(FileFormatError, match=r"bad2\.safetensors"):
         PatchTransform.load(bad)
     with pytest.raises(ValueError, match="fitted on 4"):
         PatchTransform.fit(np.ones((3, 4)), "none").apply(np.ones((3, 5)))
