@@ -382,32 +382,12 @@ def mlflow_status(uri: str) -> ServiceStatus:
         if problem:
             return ServiceStatus("MLflow", uri, False, problem)
         return ServiceStatus("MLflow", uri, True, "local store")
-    try:
-        import sqlalchemy
+    from flows.tracking import database_problem, redact
 
-        engine = sqlalchemy.create_engine(uri, connect_args=_connect_timeout(uri))
-        with engine.connect() as con:
-            con.execute(sqlalchemy.text("select 1"))
-        engine.dispose()
-    except Exception as exc:
-        text = " ".join(str(exc).split("\n")[0].split())
-        return ServiceStatus("MLflow", _redact(uri), False, f"cannot connect: {text}")
-    return ServiceStatus("MLflow", _redact(uri), True, "database store")
-
-
-def _connect_timeout(uri: str) -> dict:
-    return {"connect_timeout": 5} if uri.startswith("postgresql") else {}
-
-
-def _redact(uri: str) -> str:
-    """A URI without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    problem = database_problem(uri)
+    if problem:
+        return ServiceStatus("MLflow", redact(uri), False, f"cannot connect: {problem}")
+    return ServiceStatus("MLflow", redact(uri), True, "database store")
 
 
 def dvc_status(root: Path) -> ServiceStatus:

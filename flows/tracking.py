@@ -5,6 +5,11 @@ registered with its sparsity settings as version tags); evaluate and score find 
 the sha256 of the model they read and add their metrics and plots to it. Nothing about the
 run is written into DVC outputs, so those stay byte-identical from run to run.
 
+Records before outputs: a stage opens (or finds) its run before it writes any file, so a
+store that cannot take the record fails the stage before anything is written; a stage that
+fails afterwards ends its run FAILED (:func:`failed_on_error`). Errors of MLflow and its
+database become one line naming the store (:func:`store_error`).
+
 Store: ``MLFLOW_TRACKING_URI`` if set, else a SQLite file at an absolute path inside the
 project (``<project>/mlflow.db``, artifacts in ``<project>/mlartifacts``); experiments run
 by DVC in temporary copies resolve to the original project (:func:`flows.project.project_root`).
@@ -36,6 +41,57 @@ def default_uri(root: Path | None = None) -> str:
     if uri:
         return uri
     return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
+
+
+def redact(uri: str) -> str:
+    """A URI without its password (``postgresql://u:***@host/db``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+_STORE_ERROR_MODULES = ("mlflow", "sqlalchemy", "alembic", "requests", "urllib3", "psycopg",
+                        "sqlite3")
+
+
+def store_error(exc: BaseException, uri: str | None = None) -> str | None:
+    """One line for an error raised by MLflow or the store under it (SQLAlchemy, the
+    database driver, HTTP): "MLflow store URI: cause" -- the SQL statement, the
+    SQLAlchemy help link and any password left out. None for other errors."""
+    if type(exc).__module__.split(".")[0] not in _STORE_ERROR_MODULES:
+        return None
+    cause: BaseException = exc
+    # the root cause: MLflow wraps SQLAlchemy's error, which wraps the driver's ("attempt
+    # to write a readonly database"); requests wraps urllib3's, which wraps the socket's
+    while (inner := getattr(cause, "orig", None) or cause.__cause__) is not None:
+        cause = inner
+    text = getattr(cause, "message", None) or str(cause) or type(cause).__name__
+    text = text.split("\n[SQL:", 1)[0].split("(Background on this error", 1)[0]
+    return f"MLflow store {redact(uri or default_uri())}: {' '.join(text.split())}"
+
+
+def database_problem(uri: str) -> str | None:
+    """None if the database of a ``postgresql://``/``mysql://``... store answers within
+    5 s; else why not, in one line. (MLflow itself retries a store that does not answer
+    for about 100 s, ten times, before it gives up.)"""
+    import sqlalchemy
+
+    args = {"connect_timeout": 5} if uri.startswith(("postgresql", "mysql")) else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+        try:
+            with engine.connect() as con:
+                con.execute(sqlalchemy.text("select 1"))
+        finally:
+            engine.dispose()
+    except Exception as exc:
+        cause = getattr(exc, "orig", None) or exc
+        return " ".join(str(cause).split("\n")[0].split()) or type(cause).__name__
+    return None
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -83,14 +139,17 @@ def sqlite_store_problem(db: Path) -> str | None:
 
 def client(uri: str | None = None, create: bool = True):
     """An MlflowClient on the project's store, created (migrated) once under a file lock.
-    ``create=False`` (for commands that only read): a missing SQLite store is a ValueError
-    instead of a new empty store."""
+    ``create=False`` (for the commands that only read: audit, report): a missing SQLite
+    store is a ValueError instead of a new empty store, and no lock is taken, so a store
+    on a read-only disk or shared read-only can be read."""
     import logging
 
     from mlflow.tracking import MlflowClient
 
-    # MLflow announces every migration step at INFO; keep the stage output readable
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # MLflow announces every migration step at INFO, and logs a database error with its
+    # traceback before raising it: the raised error is reported in one line (the traceback
+    # with --debug), so both would only be noise
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = uri or default_uri()
     if uri.startswith(("http://", "https://")):
@@ -102,13 +161,49 @@ def client(uri: str | None = None, create: bool = True):
     if problem:
         raise ValueError(f"{db}: {problem}; saeflow adds MLflow's tables only to a new store "
                          "or an MLflow one (set MLFLOW_TRACKING_URI to another file)")
+    if db is None and "://" in uri and not uri.startswith(("http://", "https://", "file:")):
+        problem = database_problem(uri)
+        if problem:
+            raise ValueError(f"MLflow store {redact(uri)}: cannot connect ({problem})")
     if not create and db is not None and not db.exists():
         raise ValueError(f"no MLflow store at {db} (run the pipeline first, or set "
                          "MLFLOW_TRACKING_URI)")
+    if not create:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    problem = store_writable(uri)
+    if problem:
+        raise ValueError(f"MLflow store {uri}: {problem}; the stages record their runs there "
+                         "(SAEFLOW_TRACKING=0 runs them without)")
     with _store_lock(uri):
         c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         c.search_experiments(max_results=1)  # creates/migrates the tables while locked
     return c
+
+
+def store_writable(uri: str) -> str | None:
+    """None if the records can be written as far as can be told without writing; else why
+    not (a SQLite store's file or folder is read-only)."""
+    db = _sqlite_path(uri)
+    for path in (db, db.parent) if db is not None else ():
+        if path.exists() and not os.access(path, os.W_OK):
+            return f"{path} is read-only"
+    return None
+
+
+def _check_artifacts_writable(c, exp_id: str) -> None:
+    """A local artifact folder must be writable before a stage starts its work."""
+    from urllib.parse import urlparse
+
+    location = c.get_experiment(exp_id).artifact_location or ""
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        return  # a server's or an object store's: the first upload tells
+    folder = Path(parsed.path if parsed.scheme else location)
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"MLflow artifact folder {location}: cannot write in {folder}; "
+                         "nothing was written")
 
 
 def experiment_id(c, name: str, root: Path | None = None) -> str:
@@ -202,18 +297,46 @@ def _log_metrics(c, run_id: str, metrics: dict[str, Any], prefix: str) -> None:
         c.log_batch(run_id, metrics=items)
 
 
-def open_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
-             tags: dict[str, str], run_name: str | None = None) -> str:
-    """Start the pipeline run (train): all params, provenance tags and who ran it (the
-    tracking server's user name in team mode, else the login name); returns its id."""
+def open_run(c, experiment: str, *, params: dict[str, Any], tags: dict[str, str],
+             run_name: str | None = None) -> str:
+    """Start a pipeline run (train, before its work): all params, provenance tags and who
+    ran it (the tracking server's user name in team mode, else the login name); returns
+    its id. The model's sha256 is tagged once the model exists (:func:`tag_model`)."""
     import getpass
 
     user = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
-    run = c.create_run(experiment_id(c, experiment), run_name=run_name,
-                       tags={"mlflow.user": user, **tags, MODEL_TAG: model_sha256,
-                             "saeflow.stages": "train"})
+    exp_id = experiment_id(c, experiment)
+    _check_artifacts_writable(c, exp_id)
+    run = c.create_run(exp_id, run_name=run_name, tags={"mlflow.user": user, **tags})
     _set_params(c, run.info.run_id, flatten(params))
     return run.info.run_id
+
+
+def tag_model(c, run_id: str, model_sha256: str) -> None:
+    """Mark the run as the one that trained the model with these weights."""
+    c.set_tag(run_id, MODEL_TAG, model_sha256)
+
+
+@contextmanager
+def failed_on_error(c, run_id: str | None) -> Iterator[None]:
+    """End the run FAILED if the stage's work raises (the error itself goes on)."""
+    try:
+        yield
+    except BaseException:
+        if c is not None and run_id is not None:
+            try:
+                c.set_terminated(run_id, "FAILED")
+            except Exception:  # the stage's own error is the one to report
+                pass
+        raise
+
+
+def complete_stage(c, run_id: str, stage: str) -> None:
+    """Add ``stage`` to the run's ``saeflow.stages`` and end the run FINISHED."""
+    done = [s for s in c.get_run(run_id).data.tags.get("saeflow.stages", "").split(",") if s]
+    if stage not in done:
+        c.set_tag(run_id, "saeflow.stages", ",".join([*done, stage]))
+    c.set_terminated(run_id, "FINISHED")
 
 
 def attach_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
@@ -223,8 +346,9 @@ def attach_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
     whose recorded ``section`` params equal the current ones. If none matches (only this
     stage re-ran, with changed settings), a new run is opened for the model -- all params,
     the git and data tags, ``saeflow.trained_in`` = the training run -- so that no run mixes
-    two settings."""
+    two settings. Called before the stage's work; :func:`complete_stage` after it."""
     exp_id = experiment_id(c, experiment)
+    _check_artifacts_writable(c, exp_id)
     runs = c.search_runs([exp_id], filter_string=f"tags.`{MODEL_TAG}` = '{model_sha256}'",
                          order_by=["attributes.start_time DESC"], max_results=50)
     exp = os.environ.get("DVC_EXP_NAME")
@@ -232,10 +356,6 @@ def attach_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
     mine = flatten({section: params.get(section, {})})
     for run in runs:
         if all(run.data.params.get(k) in (None, v) for k, v in mine.items()):
-            done = [s for s in run.data.tags.get("saeflow.stages", "").split(",") if s]
-            if section not in done:
-                done.append(section)
-            c.set_tag(run.info.run_id, "saeflow.stages", ",".join(done))
             missing = {k: v for k, v in mine.items() if k not in run.data.params}
             if missing:
                 _set_params(c, run.info.run_id, missing)
@@ -246,10 +366,9 @@ def attach_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
     extra = {"saeflow.trained_in": trained.info.run_id} if trained else {}
     if trained and "saeflow.dataset_sha256" in trained.data.tags:
         extra["saeflow.dataset_sha256"] = trained.data.tags["saeflow.dataset_sha256"]
-    run_id = open_run(c, experiment, model_sha256=model_sha256, params=params,
-                      tags={**git_tags(), **tags, **extra},
+    run_id = open_run(c, experiment, params=params, tags={**git_tags(), **tags, **extra},
                       run_name=run_name(params, f"-{section}"))
-    c.set_tag(run_id, "saeflow.stages", section)
+    tag_model(c, run_id, model_sha256)
     return run_id
 
 
@@ -263,10 +382,6 @@ def log_stage(c, run_id: str, stage: str, *, metrics: dict[str, Any] | None = No
             c.log_artifacts(run_id, str(p), f"{stage}/{p.name}")
         elif p.exists():
             c.log_artifact(run_id, str(p), stage)
-
-
-def finish(c, run_id: str) -> None:
-    c.set_terminated(run_id, "FINISHED")
 
 
 def register_model(c, run_id: str, model_dir: str | os.PathLike, name: str,

@@ -5,6 +5,12 @@ archive and the member): an absolute path (``/x``, ``C:x``, ``\\x``), a ``..`` c
 a backslash in the name (not a portable relative path), a symbolic or hard link, a
 device, fifo or socket, and any other member that is neither a regular file nor a folder.
 Files are written by copying their bytes: no owners, permissions or times are applied.
+
+Size: an archive may declare at most :data:`MAX_ARCHIVE_BYTES` (32 GiB) in at most
+:data:`MAX_ARCHIVE_MEMBERS` (1,000,000) members, and no more than the free space where it is
+extracted; each member is copied up to its declared size and no further. So a small
+archive that would expand to terabytes (a "zip bomb") is refused before anything is
+written, from its own index.
 Extraction goes into a temporary folder beside the target, renamed onto it only when
 every member was written, so a refused or corrupt archive leaves nothing behind.
 """
@@ -25,6 +31,10 @@ from sae_core.io import UMASK, one_line
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 ARCHIVE_SUFFIXES = (".zip", *_TAR_SUFFIXES)
 """File name endings :func:`extract_archive` reads."""
+MAX_ARCHIVE_BYTES = 32 * 2**30
+"""The most an archive's members may add up to, as its index declares them."""
+MAX_ARCHIVE_MEMBERS = 1_000_000
+"""The most members an archive may hold."""
 
 
 class _Refused(ValueError):
@@ -72,7 +82,25 @@ def _zip_members(archive: Path, zf: zipfile.ZipFile) -> list[tuple[tuple[str, ..
     return members
 
 
-def _write_members(dest: Path, members, is_dir, open_member) -> None:
+def _check_sizes(archive: Path, sizes: list[int], target: Path) -> None:
+    """The declared member sizes against the caps and the free disk space."""
+    if len(sizes) > MAX_ARCHIVE_MEMBERS:
+        raise _Refused(f"{archive}: {len(sizes)} members, over the limit of "
+                       f"{MAX_ARCHIVE_MEMBERS}")
+    total = sum(sizes)
+    if total > MAX_ARCHIVE_BYTES:
+        raise _Refused(f"{archive}: members declare {total:,} bytes, over the limit of "
+                       f"{MAX_ARCHIVE_BYTES:,} bytes")
+    folder = target
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if total > free:
+        raise _Refused(f"{archive}: members declare {total:,} bytes, more than the {free:,} "
+                       f"bytes free in {folder}")
+
+
+def _write_members(archive: Path, dest: Path, members, is_dir, size, open_member) -> None:
     for parts, member in members:
         if not parts:  # the archive's root folder ("./")
             continue
@@ -81,8 +109,15 @@ def _write_members(dest: Path, members, is_dir, open_member) -> None:
             out.mkdir(parents=True, exist_ok=True)
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
+        declared, written = size(member), 0
         with open_member(member) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+            # never more than the index declared, whatever the stream would give
+            while block := src.read(min(1 << 20, declared - written + 1)):
+                written += len(block)
+                if written > declared:
+                    raise _Refused(f"{archive}: member {'/'.join(parts)!r} is longer than the "
+                                   f"{declared} bytes its index declares")
+                dst.write(block)
 
 
 def extract_archive(path: str | os.PathLike, target_dir: str | os.PathLike) -> Path:
@@ -113,11 +148,15 @@ def extract_archive(path: str | os.PathLike, target_dir: str | os.PathLike) -> P
             if kind == "zip":
                 with zipfile.ZipFile(archive) as zf:
                     members = _zip_members(archive, zf)
-                    _write_members(tmp, members, lambda i: i.is_dir(), zf.open)
+                    _check_sizes(archive, [i.file_size for _, i in members], target)
+                    _write_members(archive, tmp, members, lambda i: i.is_dir(),
+                                   lambda i: i.file_size, zf.open)
             else:
                 with tarfile.open(archive, "r:*") as tf:
                     members = _tar_members(archive, tf)
-                    _write_members(tmp, members, lambda m: m.isdir(), tf.extractfile)
+                    _check_sizes(archive, [m.size for _, m in members], target)
+                    _write_members(archive, tmp, members, lambda m: m.isdir(),
+                                   lambda m: m.size, tf.extractfile)
         except _Refused:
             raise
         except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError,

@@ -96,10 +96,14 @@ def fetch(
         try:
             with os.fdopen(fd, "wb") as out, opener.open(url, timeout=timeout) as resp:
                 length = resp.headers.get("Content-Length")
+                limit = int(length) if length is not None and length.isdigit() else None
                 for block in iter(lambda: resp.read(1 << 20), b""):
+                    n_bytes += len(block)
+                    if limit is not None and n_bytes > limit:  # a body past its length
+                        raise ValueError(f"{url}: the server sent more than the "
+                                         f"{limit} bytes it announced")
                     out.write(block)
                     digest.update(block)
-                    n_bytes += len(block)
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts: OSError
             raise ValueError(f"{url}: download failed ({one_line(exc)})") from None
         if length is not None and length.isdigit() and int(length) != n_bytes:

@@ -336,7 +336,10 @@ class FusedKLObjective:
     ) -> Evaluation:
         self._prepare(X)
         if X.device.type == "cpu":
-            return self._evaluate_host(theta.detach(), X.shape[0])
+            # a diverging fit (rho_hat at 0 or 1) makes inf/NaN here: the trainer reports
+            # the non-finite loss in one line, so numpy's warnings would only be noise
+            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+                return self._evaluate_host(theta.detach(), X.shape[0])
         return self._evaluate_device(theta, X)
 
     def _evaluate_host(self, theta: torch.Tensor, m: int) -> Evaluation:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -76,35 +78,93 @@ def _numeric(array: np.ndarray, where: object) -> np.ndarray:
     return array
 
 
+# ------------------------------------------------------------------- bounded reading
+IDX_MARGIN = 64 * 1024
+"""Bytes read past an IDX payload's declared end, to report a longer payload's size."""
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; elsewhere the
+    physical memory)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class TooLargeError(ValueError):
+    """A file whose header declares more data than the memory available."""
+
+
+def check_declared_size(where: object, nbytes: int, what: str = "data") -> None:
+    """Refuse, before allocating, data whose header declares more bytes than the memory
+    available: a small compressed file must not claim gigabytes."""
+    free = available_memory()
+    if nbytes > free:
+        raise TooLargeError(f"{where}: declares {nbytes / 2**30:.1f} GiB of {what}, more than "
+                         f"the {free / 2**30:.1f} GiB of memory available")
+
+
+def _read_into(stream, buf: np.ndarray) -> int:
+    """Fill ``buf`` from ``stream``; the number of bytes read (short only at the end)."""
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):
+        n = stream.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
+
+
 # ------------------------------------------------------------------------------ IDX
 def _idx_array(path: str | os.PathLike, magic: int) -> tuple[Path, np.ndarray, str]:
-    """An IDX file (raw or gzip, by magic bytes) with the given magic as uint8 array."""
-    p, data = _read_bytes(path)
-    sha = hashlib.sha256(data).hexdigest()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise ValueError(f"{p}: corrupt gzip data ({one_line(exc)})") from None
-    if len(data) < 4:
-        raise ValueError(f"{p}: too short for an IDX header ({len(data)} bytes)")
-    found = int.from_bytes(data[:4], "big")
+    """An IDX file (raw or gzip, by magic bytes) with the given magic as uint8 array.
+
+    The file is streamed: the header is read first, then exactly the payload it declares
+    (into one array) and at most :data:`IDX_MARGIN` bytes more to detect a longer one, so
+    peak memory is the declared size whatever the file decompresses to."""
+    p = _check_file(path)
+    sha = _sha(p)
+    try:
+        with open(p, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+            return p, _idx_payload(p, stream, magic), sha
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise ValueError(f"{p}: corrupt gzip data ({one_line(exc)})") from None
+    except OSError as exc:
+        raise ValueError(f"{p}: cannot read ({exc.strerror or one_line(exc)})") from None
+
+
+def _idx_payload(p: Path, stream, magic: int) -> np.ndarray:
+    head = stream.read(4)
+    if len(head) < 4:
+        raise ValueError(f"{p}: too short for an IDX header ({len(head)} bytes)")
+    found = int.from_bytes(head, "big")
     if found != magic:
         raise ValueError(f"{p}: IDX magic is 0x{found:08x}, expected 0x{magic:08x}")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{p}: truncated IDX header ({len(data)} of {header} bytes)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims, dtype=np.int64))
-    payload = len(data) - header
-    if payload != expected:
-        raise ValueError(
-            f"{p}: IDX payload is {payload} bytes, header {dims} says {expected} bytes"
-        )
+    ndim = head[3]
+    dims_raw = stream.read(4 * ndim)
+    if len(dims_raw) < 4 * ndim:
+        raise ValueError(f"{p}: truncated IDX header ({4 + len(dims_raw)} of {4 + 4 * ndim} "
+                         "bytes)")
+    dims = tuple(int.from_bytes(dims_raw[4 * i : 4 * i + 4], "big") for i in range(ndim))
     if 0 in dims:
         raise ValueError(f"{p}: IDX file with no data (dimensions {dims})")
-    return p, np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims), sha
+    expected = math.prod(dims)
+    check_declared_size(p, expected, f"IDX payload (dimensions {dims})")
+    pixels = np.empty(expected, dtype=np.uint8)
+    got = _read_into(stream, pixels)
+    extra = len(stream.read(IDX_MARGIN)) if got == expected else 0
+    if got < expected or extra:
+        size = f"{got + extra} bytes" if extra < IDX_MARGIN else f"over {got + extra} bytes"
+        raise ValueError(f"{p}: IDX payload is {size}, header {dims} says {expected} bytes")
+    return pixels.reshape(dims)
 
 
 def read_idx(
@@ -227,6 +287,11 @@ def _finish(p: Path, images: np.ndarray, source: str, inputs: dict) -> ImageSet:
     return ImageSet(images=list(images), source=source, inputs=inputs)
 
 
+_MAT_ITEMSIZE = {"double": 8, "single": 4, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2,
+                 "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "logical": 1, "char": 2}
+"""Bytes per element of a MAT variable's class (``scipy.io.whosmat``); others count 8."""
+
+
 def read_mat(path: str | os.PathLike, key: str | None = None) -> ImageSet:
     """A MATLAB (v4-v7.2) .mat file via ``scipy.io.loadmat``.
 
@@ -238,6 +303,14 @@ def read_mat(path: str | os.PathLike, key: str | None = None) -> ImageSet:
 
     p = _check_file(path)
     sha = _sha(p)
+    try:
+        # the declared sizes first (headers only): a compressed variable must not claim
+        # more memory than there is
+        declared = {name: math.prod(shape) * _MAT_ITEMSIZE.get(cls, 8)
+                    for name, shape, cls in scipy.io.whosmat(p, appendmat=False)}
+    except Exception as exc:  # as below: scipy's parser raises almost any type
+        raise ValueError(f"{p}: cannot read MAT file ({one_line(exc)})") from None
+    check_declared_size(p, sum(declared.values()), "MAT variables")
     try:
         variables = scipy.io.loadmat(p, appendmat=False)
     except Exception as exc:
@@ -264,6 +337,19 @@ def read_mat(path: str | os.PathLike, key: str | None = None) -> ImageSet:
     return _finish(p, images, f"mat:{p.name}:{name}", {str(path): sha})
 
 
+def _check_npy_header(where: object, fh) -> None:
+    """The .npy header of ``fh``: its declared array size must fit in memory (numpy then
+    reads exactly that many bytes, whatever a compressed member would expand to)."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        return  # np.load reads (and checks) the rarer versions itself
+    check_declared_size(where, math.prod(shape) * dtype.itemsize, "array data")
+
+
 def read_numpy(path: str | os.PathLike, key: str | None = None) -> ImageSet:
     """A .npy array or one array (``key``, default the only one) of a .npz archive.
 
@@ -275,6 +361,20 @@ def read_numpy(path: str | os.PathLike, key: str | None = None) -> ImageSet:
     p = _check_file(path)
     sha = _sha(p)
     bad = (ValueError, OSError, EOFError, zipfile.BadZipFile, TypeError, zlib.error)
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as zf:
+                for info in zf.infolist():
+                    with zf.open(info) as fh:
+                        _check_npy_header(f"{p}: array {info.filename.removesuffix('.npy')!r}",
+                                          fh)
+        else:
+            with open(p, "rb") as fh:
+                _check_npy_header(p, fh)
+    except TooLargeError:
+        raise
+    except bad as exc:
+        raise ValueError(f"{p}: cannot read numpy file ({one_line(exc)})") from None
     try:
         loaded = np.load(p, allow_pickle=False)
     except bad as exc:  # object arrays (pickles) are a ValueError here
@@ -317,10 +417,23 @@ def read_parquet(path: str | os.PathLike) -> ImageSet:
 # --------------------------------------------------------------------- image folders
 def _decode_image(p: Path, data: bytes) -> np.ndarray:
     """One image file's bytes -> float32 (H, W) or (H, W, 3); errors name ``p``."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():
+            # Pillow warns (then refuses, at twice the size) past MAX_IMAGE_PIXELS: refuse
+            # at once, in one line, before the pixels are decoded
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ValueError(f"{p}: image over the limit of {Image.MAX_IMAGE_PIXELS} pixels "
+                         "(Pillow's MAX_IMAGE_PIXELS); not decoded") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{p}: cannot decode image (not a PNG, JPEG or TIFF file)") from None
+    except Exception as exc:
+        raise ValueError(f"{p}: cannot decode image ({one_line(exc)})") from None
+    try:
+        with im:
             im.load()  # decode everything now: a truncated file fails here
             n_frames, fmt = getattr(im, "n_frames", 1), im.format
             mode = im.mode

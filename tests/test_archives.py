@@ -158,3 +158,37 @@ def test_missing_and_unsupported(tmp_path):
     (tmp_path / "x.rar").write_bytes(b"Rar!")
     with pytest.raises(ValueError, match=r"x.rar: not a supported archive"):
         extract_archive(tmp_path / "x.rar", tmp_path / "out")
+
+
+@pytest.mark.parametrize("cap", ["MAX_ARCHIVE_BYTES", "MAX_ARCHIVE_MEMBERS"])
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_an_archive_over_the_caps_is_refused_from_its_index(tmp_path, monkeypatch, cap, kind):
+    """The caps are checked against the sizes and count the index declares, before
+    anything is written (here lowered, so that a small archive is over them)."""
+    from sae_core import archives
+
+    files = {"a.bin": bytes(3000), "b.bin": bytes(3000), "c.bin": bytes(3000)}
+    archive = (make_zip(tmp_path / "x.zip", files) if kind == "zip"
+               else make_tar(tmp_path / "x.tar.gz", files))
+    monkeypatch.setattr(archives, cap, 5000 if cap == "MAX_ARCHIVE_BYTES" else 2)
+    with pytest.raises(ValueError) as info:
+        extract_archive(archive, tmp_path / "out")
+    message = str(info.value)
+    assert "\n" not in message and str(archive) in message
+    assert message.endswith("members declare 9,000 bytes, over the limit of 5,000 bytes"
+                            if cap == "MAX_ARCHIVE_BYTES" else "members, over the limit of 2")
+    assert_nothing_left(tmp_path, {archive.name})
+
+
+def test_an_archive_larger_than_the_free_space_is_refused(tmp_path, monkeypatch):
+    import shutil as sh
+
+    from sae_core import archives
+
+    archive = make_zip(tmp_path / "x.zip", {"a.bin": bytes(5000)})
+    monkeypatch.setattr(archives.shutil, "disk_usage",
+                        lambda p: sh._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    with pytest.raises(ValueError, match=r"x\.zip: members declare 5,000 bytes, more than the "
+                       r"100 bytes free in "):
+        extract_archive(archive, tmp_path / "out")
+    assert_nothing_left(tmp_path, {"x.zip"})

@@ -290,3 +290,55 @@ def test_push_without_a_remote_is_refused_before_any_work(tmp_path, argv, messag
     done = run([BIN / "saeflow", *argv], project, env, check=False)
     assert done.returncode == 2 and message in done.stderr
     assert time.monotonic() - start < 60 and not (project / "data" / "images.parquet").exists()
+
+
+def _processes_with(marker: str) -> list[int]:
+    """The processes whose environment holds ``marker`` (a stage's and its children's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_stage_killed_by_sigkill_leaves_only_the_persistent_server(tmp_path):
+    """A stage started with no server running starts the persistent one (that is its
+    job); killed with SIGKILL mid-fit, it leaves nothing else behind, and the server left
+    is the recorded one, which the next stage reuses."""
+    project = copy_project(tmp_path / "p", {"train": {"max_iter": 100_000}}, git=False)
+    home = tmp_path / "home"
+    env = clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_API_PORT=str(free_port()),
+                    SAEFLOW_TRACKING="0")
+    run([BIN / "saeflow", "stage", "ingest", "--images", "i.parquet", "--images-manifest",
+         "i.json"], project, env, timeout=300)
+    run([BIN / "saeflow", "stage", "patches", "--images", "i.parquet", "--patches", "p.arrow",
+         "--transform", "t.safetensors"], project, env, timeout=300)
+    server_pid = int((home / "server.pid").read_text())
+    run([BIN / "saeflow", "server", "stop"], project, env, timeout=120)  # the stage starts it
+    marker = f"SAEFLOW_TEST_MARK={tmp_path.name}"
+    log = tmp_path / "train.log"
+    try:
+        with open(log, "w") as fh:
+            stage = subprocess.Popen(
+                [BIN / "saeflow", "stage", "train", "--patches", "p.arrow", "--model", "m",
+                 "--train-metrics", "t.json", "--loss-csv", "l.csv"], cwd=project,
+                env={**env, "SAEFLOW_TEST_MARK": tmp_path.name}, stdout=fh, stderr=fh)
+        wait_for(lambda: "train: iteration" in log.read_text(), 300, "the fit", stage, log)
+        stage.send_signal(signal.SIGKILL)
+        stage.wait()
+        time.sleep(1)
+        server_pid = int((home / "server.pid").read_text())
+        # the server is started with an environment of its own (no marker): nothing the
+        # stage started is left but it
+        assert _processes_with(marker) == []
+        assert servers._pid_alive(server_pid)
+        status = run([BIN / "saeflow", "server", "status"], project, env, check=False)
+        assert f"local persistent server (pid {server_pid}," in status.stdout, status.stdout
+        assert not (project / "m").exists()  # the model is written only after the fit
+    finally:
+        run([BIN / "saeflow", "server", "stop"], project, env, timeout=120, check=False)
+    assert not servers._pid_alive(server_pid)

@@ -75,3 +75,69 @@ def test_a_new_or_mlflow_store_is_accepted(tmp_path):
     c.create_experiment("x")
     assert tracking.sqlite_store_problem(tmp_path / "mlflow.db") is None
     assert tracking.client(uri).get_experiment_by_name("x") is not None
+
+
+# --------------------------------------------------------------- store errors, in one line
+def test_a_database_error_becomes_one_line_with_its_root_cause(tmp_path):
+    """SQLAlchemy's message carries the SQL statement and a help link over several lines:
+    the user sees the store and the driver's cause."""
+    import sqlite3
+
+    import sqlalchemy
+
+    db = tmp_path / "store.db"
+    sqlite3.connect(db).execute("create table t(x)").connection.close()
+    engine = sqlalchemy.create_engine(f"sqlite:///file:{db}?mode=ro&uri=true")
+    with pytest.raises(sqlalchemy.exc.OperationalError) as info, engine.connect() as con:
+        con.execute(sqlalchemy.text("insert into t values (1)"))
+    engine.dispose()
+    assert "[SQL:" in str(info.value)
+    line = tracking.store_error(info.value, f"sqlite:///{db}")
+    assert line == f"MLflow store sqlite:///{db}: attempt to write a readonly database"
+    assert tracking.store_error(ValueError("not a store error")) is None
+
+
+def test_a_store_that_does_not_answer_fails_fast_without_its_password():
+    """MLflow retries a database that does not answer ten times, for about 100 s; saeflow
+    asks it once (5 s timeout) and names the store with the password masked."""
+    import time
+
+    from support import free_port
+
+    uri = f"postgresql+psycopg://me:secret@127.0.0.1:{free_port()}/mlflow"
+    start = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        tracking.client(uri)
+    assert time.monotonic() - start < 20
+    message = str(info.value)
+    assert message.startswith("MLflow store postgresql+psycopg://me:***@127.0.0.1:")
+    assert "secret" not in message and "cannot connect" in message and "\n" not in message
+
+
+def test_a_failed_fit_leaves_a_failed_run_and_no_outputs(tmp_path, monkeypatch):
+    """The run is opened before the work (so a store that cannot take it stops the stage
+    before anything is written); a fit that then diverges ends it FAILED, with no output."""
+    import numpy as np
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from flows.train import train
+    from sae_core.patch_store import write_patch_store
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("SAEFLOW_TRACKING", raising=False)
+    rng = np.random.default_rng(0)
+    write_patch_store("patches.arrow", rng.uniform(0.1, 0.9, (300, 16)).astype(np.float32),
+                      rng.uniform(0.1, 0.9, (50, 16)).astype(np.float32),
+                      {"patch_size": 4}, "0" * 64, patch_shape=(4, 4))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {
+        "n_components": 8, "solver": "adam", "learning_rate": 1e6, "max_iter": 3}}))
+    with pytest.raises(FloatingPointError, match="loss became"):
+        train("patches.arrow", "model", "train.json", "loss.csv")
+    assert not any((tmp_path / p).exists() for p in ("model", "train.json", "loss.csv"))
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("saeflow").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "saeflow.model_sha256" not in runs[0].data.tags

@@ -241,7 +241,12 @@ def test_checkpoint_written_every_n_iterations(tmp_path, small_X):
 
 # ----------------------------------------------------------------- divergence
 def test_adam_absurd_learning_rate_diverges_with_clear_error(small_X):
-    with pytest.raises(TrainingDivergedError, match="loss became") as info:
+    """One clean error, and no numpy RuntimeWarning printed before it (an error here)."""
+    import warnings
+
+    with pytest.raises(TrainingDivergedError, match="loss became") as info, \
+            warnings.catch_warnings():
+        warnings.simplefilter("error")
         fit(small_X, n_components=8, solver="adam", learning_rate=1e6, max_iter=20)
     assert isinstance(info.value, FloatingPointError)
     assert "learning_rate" in str(info.value)
