@@ -123,10 +123,10 @@ def worker_saeflow(target: float, filters_png: str | None) -> dict:
     sae.fit(X)
     seconds = time.perf_counter() - start
     if filters_png:
-        from sae_core.plots import save_filter_grid
+        from sae_core.plots import filter_grid_figure, save_figure
 
-        save_filter_grid(filters_png, sae.components_, (8, 8),
-                         title="saeflow: 25 filters, natural patches (rho 0.01, beta 3)")
+        save_figure(filter_grid_figure(sae.components_, (8, 8), title="saeflow: 25 filters, "
+                                       "natural patches (rho 0.01, beta 3)"), filters_png)
     rho_hat = sae.transform(X).mean(axis=0)
     return {
         "f": sae.history_[-1]["loss"],

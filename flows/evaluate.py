@@ -26,7 +26,7 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
     """Statistics on ``evaluate.split`` ('heldout', the default, or 'train') of the store."""
     import numpy as np
 
-    from sae_core import SparseAutoencoder, plots
+    from sae_core import SparseAutoencoder, plots, tables
     from sae_core.io import write_json
     from sae_core.outputs import PNG, check_paths
     from sae_core.patch_store import read_patch_store
@@ -44,7 +44,7 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
                 outputs={"sparsity_metrics": (sparsity_metrics, SPARSITY_METRICS),
                          "units": (units, UNITS), "filters_png": (filters_png, PNG),
                          "rho_hat_png": (rho_hat_png, PNG),
-                         "rho_hat_csv": (rho_hat_csv, plots.RHO_HAT_CSV),
+                         "rho_hat_csv": (rho_hat_csv, tables.RHO_HAT_CSV),
                          "loss_png": (loss_png, PNG),
                          "reconstructions_png": (reconstructions_png, PNG)})
     sae = SparseAutoencoder.load(model)
@@ -67,13 +67,15 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
             write_per_unit(units, stats)
             shape = tuple(store.patch_shape)
             rho = stats.rho if stats.rho is not None else None
-            plots.save_filter_grid(filters_png, sae.components_, shape,
-                                   title=f"{sae.n_components} filters ({_setting(sae)})")
-            plots.save_rho_hat_histogram(rho_hat_png, stats.rho_hat, rho)
-            plots.write_rho_hat_csv(rho_hat_csv, stats.rho_hat, rho)
-            plots.save_loss_decomposition(loss_png, sae.history_)
+            title = f"{sae.n_components} filters ({_setting(sae)})"
+            plots.save_figure(plots.filter_grid_figure(sae.components_, shape, title=title),
+                              filters_png)
+            plots.save_figure(plots.rho_hat_histogram_figure(stats.rho_hat, rho), rho_hat_png)
+            tables.write_rho_hat_csv(rho_hat_csv, stats.rho_hat, rho)
+            plots.save_figure(plots.loss_decomposition_figure(sae.history_), loss_png)
             pick = np.asarray(X[: min(n_pairs, X.shape[0])])
-            plots.save_reconstructions(reconstructions_png, pick, sae.reconstruct(pick), shape)
+            plots.save_figure(plots.reconstructions_figure(pick, sae.reconstruct(pick), shape),
+                              reconstructions_png)
         near = metrics.get("frac_units_near_target")
         print(f"evaluate: {X.shape[0]} {split} patches; rho_hat in "
               f"[{metrics['rho_hat_min']:.4f}, {metrics['rho_hat_max']:.4f}]"

@@ -109,7 +109,7 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
     from prefect.artifacts import create_markdown_artifact
 
     from sae_core.outputs import HTML, check_target
-    from sae_core.plots import sweep_png
+    from sae_core.plots import figure_png, sweep_figure
     from sae_core.report import RunSummary, write_report
     from sae_core.stats import read_per_unit
 
@@ -147,12 +147,12 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
         raw = [runs[i].data.metrics.get("score/raw_accuracy") for i in order]
         rhos = {r.data.params.get("train.rho") for r in runs}
         kl = {r.data.params.get("train.penalty") for r in runs} == {"kl"}
-        overview[f"sweep over {setting}"] = sweep_png(
+        overview[f"sweep over {setting}"] = figure_png(sweep_figure(
             [float(runs[i].data.params[setting]) for i in order],
             [rho_hats[i] for i in order], name=setting.split(".")[-1],
             accuracy=acc if None not in acc else None,
             raw_accuracy=raw if None not in raw and None not in acc else None,
-            rho=float(next(iter(rhos))) if kl and len(rhos) == 1 else None)
+            rho=float(next(iter(rhos))) if kl and len(rhos) == 1 else None))
     title = ("saeflow report: " + summaries[0].name if len(runs) == 1
              else f"saeflow report: {len(runs)} runs" + (f", sweep over {setting}"
                                                           if setting else ""))

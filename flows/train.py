@@ -67,7 +67,7 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
     from sae_core.io import MODEL, write_json
     from sae_core.outputs import check_paths
     from sae_core.patch_store import read_patch_store
-    from sae_core.plots import LOSS_CSV, write_loss_csv
+    from sae_core.tables import LOSS_CSV, write_loss_csv
 
     c = tracking.client() if tracking_enabled() else None
     params, cfg = read_section(params_file, "train", _allowed())

@@ -1,8 +1,8 @@
 """Pictures and plot tables of sparse-autoencoder runs (matplotlib Agg; no display needed).
 
-Every picture is a pure function of arrays returning a matplotlib Figure (``*_figure``,
-for notebooks), a ``*_png`` twin returning its PNG bytes (for reports) and a ``save_*``
-twin writing those bytes atomically (:func:`sae_core.io.atomic_path`).
+Every picture is one pure function of arrays returning a matplotlib Figure (``*_figure``);
+:func:`save_figure` writes any of them as PNG, atomically, and :func:`figure_png` gives
+the same bytes in memory (for reports).
 The same input gives the same bytes, in any process, for a given matplotlib version:
 figures are drawn under matplotlib's default style (a user's matplotlibrc changes nothing),
 without pyplot (no global figure state), and saved with "saeflow" as the PNG "Software"
@@ -20,8 +20,7 @@ Pictures:
 - :func:`reconstructions_figure`: inputs beside their reconstructions;
 - :func:`sweep_figure`: rho_hat spread and downstream accuracy against a swept setting.
 
-Tables for ``dvc plots`` (CSV, deterministic bytes, floats written as Python's shortest
-round-trip ``repr``): :func:`write_loss_csv`, :func:`write_rho_hat_csv`.
+The tables behind two of them (CSV, for ``dvc plots``) are written by :mod:`sae_core.tables`.
 """
 
 from __future__ import annotations
@@ -35,7 +34,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from sae_core.io import atomic_path
-from sae_core.outputs import PNG, PNG_SOFTWARE, csv_with_header
+from sae_core.outputs import PNG, PNG_SOFTWARE
+from sae_core.tables import (
+    LOSS_TERMS,
+    checked_rho,
+    finite_array,
+    history_columns,
+    rho_hat_array,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,10 +49,6 @@ if TYPE_CHECKING:
 DPI = 100
 """Resolution of every picture (dots per inch)."""
 
-LOSS_COLUMNS = ("iteration", "loss", "reconstruction", "weight_decay", "sparsity")
-"""Columns of :func:`write_loss_csv` (``auxiliary`` is appended when the history has it)."""
-
-_TERMS = ("reconstruction", "weight_decay", "sparsity")
 _TERM_STYLE = {
     "loss": ("total J", "black", 2.2),
     "reconstruction": ("reconstruction", "tab:blue", 1.4),
@@ -81,42 +83,12 @@ def figure_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def write_png(path: str | os.PathLike, png: bytes) -> None:
-    """Write PNG bytes to ``path`` atomically (temporary file beside it, then rename)."""
-    if not isinstance(png, (bytes, bytearray)) or not bytes(png[:8]) == b"\x89PNG\r\n\x1a\n":
-        raise ValueError("png must be the bytes of a PNG image")
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Write :func:`figure_png` of ``fig`` to ``path``, atomically; an existing path is
+    replaced only if it is a PNG saeflow drew (:data:`sae_core.outputs.PNG`)."""
+    png = figure_png(fig)
     with atomic_path(path, PNG) as tmp:
-        tmp.write_bytes(bytes(png))
-
-
-def _array(x: Any, name: str, ndim: int) -> np.ndarray:
-    """x as a finite float64 array of ``ndim`` dimensions, not empty."""
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be numeric; got {type(x).__name__}") from None
-    if arr.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-d; got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return arr
-
-
-def _rho_hat(x: Any, name: str = "rho_hat") -> np.ndarray:
-    arr = _array(x, name, 1)
-    if (arr < 0).any():
-        raise ValueError(f"{name} has negative values (mean activations are >= 0)")
-    return arr
-
-
-def _check_rho(rho: float | None) -> float | None:
-    if rho is None:
-        return None
-    if not (isinstance(rho, (int, float, np.floating)) and 0.0 < float(rho) < 1.0):
-        raise ValueError(f"rho must be a number in (0, 1) or None; got {rho!r}")
-    return float(rho)
+        tmp.write_bytes(png)
 
 
 def _patch_shape(patch_shape: Sequence[int], n_values: int, name: str) -> tuple[int, int, int]:
@@ -170,7 +142,7 @@ def tile_filters(W: np.ndarray, patch_shape: Sequence[int], pad: int = 1) -> np.
     as the patches are. The grid has ceil(sqrt(k)) columns and a 0.5 grey border of ``pad``
     pixels. Returns (rows*(h+pad)+pad, cols*(w+pad)+pad), with a last axis of 3 for colour.
     """
-    W = _array(W, "W", 2)
+    W = finite_array(W, "W", 2)
     k = W.shape[0]
     h, w, c = _patch_shape(patch_shape, W.shape[1], "filters")
     cols = math.ceil(math.sqrt(k))
@@ -206,18 +178,6 @@ def filter_grid_figure(W: np.ndarray, patch_shape: Sequence[int], title: str = "
     return _figure(_grid_figsize(grid, title=title), lambda fig: _show_grid(fig, grid, title))
 
 
-def filter_grid_png(W: np.ndarray, patch_shape: Sequence[int], title: str = "") -> bytes:
-    """PNG bytes of :func:`filter_grid_figure`."""
-    return figure_png(filter_grid_figure(W, patch_shape, title))
-
-
-def save_filter_grid(
-    path: str | os.PathLike, W: np.ndarray, patch_shape: Sequence[int], title: str = ""
-) -> None:
-    """Write :func:`filter_grid_png` to ``path``, atomically."""
-    write_png(path, filter_grid_png(W, patch_shape, title))
-
-
 # ----------------------------------------------------------------------------- reconstructions
 def tile_pairs(
     X: np.ndarray, X_hat: np.ndarray, patch_shape: Sequence[int], pad: int = 1
@@ -230,8 +190,8 @@ def tile_pairs(
     ceil(sqrt(m / 2)) columns (a roughly square picture), 3 * pad pixels apart; the
     background is 0.5 grey. Returns a 2-d image, or 3-d (..., 3) for colour.
     """
-    X = _array(X, "X", 2)
-    X_hat = _array(X_hat, "X_hat", 2)
+    X = finite_array(X, "X", 2)
+    X_hat = finite_array(X_hat, "X_hat", 2)
     if X_hat.shape != X.shape:
         raise ValueError(f"X_hat must have the shape of X {X.shape}; got {X_hat.shape}")
     m = X.shape[0]
@@ -268,39 +228,14 @@ def reconstructions_figure(
     """
     if int(n_pairs) < 1:
         raise ValueError(f"n_pairs must be >= 1; got {n_pairs!r}")
-    X = _array(X, "X", 2)
-    X_hat = _array(X_hat, "X_hat", 2)
+    X = finite_array(X, "X", 2)
+    X_hat = finite_array(X_hat, "X_hat", 2)
     n = min(int(n_pairs), X.shape[0])
     grid = tile_pairs(X[:n], X_hat[:n], patch_shape)
     title = title or "input | reconstruction (each pair on its own scale)"
     return _figure(
         _grid_figsize(grid, width=5.6, title=title), lambda fig: _show_grid(fig, grid, title)
     )
-
-
-def reconstructions_png(
-    X: np.ndarray,
-    X_hat: np.ndarray,
-    patch_shape: Sequence[int],
-    *,
-    n_pairs: int = 16,
-    title: str = "",
-) -> bytes:
-    """PNG bytes of :func:`reconstructions_figure`."""
-    return figure_png(reconstructions_figure(X, X_hat, patch_shape, n_pairs=n_pairs, title=title))
-
-
-def save_reconstructions(
-    path: str | os.PathLike,
-    X: np.ndarray,
-    X_hat: np.ndarray,
-    patch_shape: Sequence[int],
-    *,
-    n_pairs: int = 16,
-    title: str = "",
-) -> None:
-    """Write :func:`reconstructions_png` to ``path``, atomically."""
-    write_png(path, reconstructions_png(X, X_hat, patch_shape, n_pairs=n_pairs, title=title))
 
 
 # ----------------------------------------------------------------------------- rho_hat
@@ -328,8 +263,8 @@ def rho_hat_bins(
     factor 20 (a few units far from the rest); bins are then geometric over the positive
     values, and units at exactly 0 cannot be drawn (the picture says how many).
     """
-    v = _rho_hat(rho_hat)
-    rho = _check_rho(rho)
+    v = rho_hat_array(rho_hat)
+    rho = checked_rho(rho)
     default = int(np.clip(2 * math.ceil(math.sqrt(v.size)), 10, 60))
     n_bins = int(bins) if bins is not None else default
     if n_bins < 1:
@@ -414,71 +349,13 @@ def rho_hat_histogram_figure(
     of :mod:`sae_core.stats`). The mean of rho_hat is a dotted line. Bins and axis: see
     :func:`rho_hat_bins`.
     """
-    v = _rho_hat(rho_hat)
-    rho = _check_rho(rho)
+    v = rho_hat_array(rho_hat)
+    rho = checked_rho(rho)
     hb = rho_hat_bins(v, rho, bins, log_x)
     return _figure((5.0, 3.4), lambda fig: _draw_rho_hat_histogram(fig, v, rho, hb, title))
 
 
-def rho_hat_histogram_png(
-    rho_hat: np.ndarray,
-    rho: float | None = None,
-    *,
-    bins: int | None = None,
-    log_x: bool | str = "auto",
-    title: str = "",
-) -> bytes:
-    """PNG bytes of :func:`rho_hat_histogram_figure`."""
-    return figure_png(rho_hat_histogram_figure(rho_hat, rho, bins=bins, log_x=log_x, title=title))
-
-
-def save_rho_hat_histogram(
-    path: str | os.PathLike,
-    rho_hat: np.ndarray,
-    rho: float | None = None,
-    *,
-    bins: int | None = None,
-    log_x: bool | str = "auto",
-    title: str = "",
-) -> None:
-    """Write :func:`rho_hat_histogram_png` to ``path``, atomically."""
-    write_png(path, rho_hat_histogram_png(rho_hat, rho, bins=bins, log_x=log_x, title=title))
-
-
 # ----------------------------------------------------------------------------- loss
-def history_columns(history: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """The per-iteration records (``SparseAutoencoder.history_``) as columns, each (T,).
-
-    Every record must hold the numbers loss, reconstruction, weight_decay and sparsity;
-    ``iteration`` is taken from the records when all have it (else 0..T-1), and
-    ``auxiliary`` is included when any record has it (missing entries count as 0).
-    """
-    if isinstance(history, Mapping) or not isinstance(history, Sequence):
-        raise ValueError("history must be a list of per-iteration dicts (history_)")
-    if len(history) == 0:
-        raise ValueError("history is empty")
-    names = ["loss", *_TERMS]
-    cols: dict[str, list[float]] = {name: [] for name in names}
-    has_iter = all(isinstance(r, Mapping) and "iteration" in r for r in history)
-    has_aux = any(isinstance(r, Mapping) and "auxiliary" in r for r in history)
-    iters, aux = [], []
-    for t, record in enumerate(history):
-        if not isinstance(record, Mapping):
-            raise ValueError(f"history[{t}] must be a dict; got {type(record).__name__}")
-        for name in names:
-            if name not in record:
-                raise ValueError(f"history[{t}] has no {name!r}")
-            cols[name].append(record[name])
-        iters.append(record["iteration"] if has_iter else t)
-        aux.append(record.get("auxiliary", 0.0))
-    out = {"iteration": _array(iters, "history iteration", 1).astype(np.int64)}
-    for name in names:
-        out[name] = _array(cols[name], f"history {name}", 1)
-    if has_aux:
-        out["auxiliary"] = _array(aux, "history auxiliary", 1)
-    return out
-
-
 def _draw_loss(
     fig: Any,
     cols: dict[str, np.ndarray],
@@ -494,7 +371,7 @@ def _draw_loss(
         ax_rho = None
     else:
         ax, ax_rho = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-    names = [n for n in ("loss", *_TERMS, "auxiliary") if n in cols]
+    names = [n for n in ("loss", *LOSS_TERMS, "auxiliary") if n in cols]
     if "auxiliary" in names and not (cols["auxiliary"] != 0).any():
         names.remove("auxiliary")
     for name in names:
@@ -555,11 +432,11 @@ def loss_decomposition_figure(
     while rho_hat approaches rho is why adding the penalty ends with lower activations.
     """
     cols = history_columns(history)
-    rho = _check_rho(rho)
+    rho = checked_rho(rho)
     rh = None
     if rho_hat_mean is not None:
         raw = np.asarray(rho_hat_mean)
-        rh = _array(raw, "rho_hat_mean", 2 if raw.ndim == 2 else 1)
+        rh = finite_array(raw, "rho_hat_mean", 2 if raw.ndim == 2 else 1)
         if rh.shape[0] != cols["loss"].size:
             raise ValueError(
                 f"rho_hat_mean has {rh.shape[0]} rows, history has {cols['loss'].size} "
@@ -568,42 +445,6 @@ def loss_decomposition_figure(
     height = 5.2 if rh is not None else 3.4
     return _figure(
         (5.6, height), lambda fig: _draw_loss(fig, cols, rh, rho, bool(log_y), x_label, title)
-    )
-
-
-def loss_decomposition_png(
-    history: Sequence[Mapping[str, Any]],
-    rho_hat_mean: np.ndarray | None = None,
-    *,
-    rho: float | None = None,
-    log_y: bool = True,
-    x_label: str = "iteration",
-    title: str = "",
-) -> bytes:
-    """PNG bytes of :func:`loss_decomposition_figure`."""
-    return figure_png(
-        loss_decomposition_figure(
-            history, rho_hat_mean, rho=rho, log_y=log_y, x_label=x_label, title=title
-        )
-    )
-
-
-def save_loss_decomposition(
-    path: str | os.PathLike,
-    history: Sequence[Mapping[str, Any]],
-    rho_hat_mean: np.ndarray | None = None,
-    *,
-    rho: float | None = None,
-    log_y: bool = True,
-    x_label: str = "iteration",
-    title: str = "",
-) -> None:
-    """Write :func:`loss_decomposition_png` to ``path``, atomically."""
-    write_png(
-        path,
-        loss_decomposition_png(
-            history, rho_hat_mean, rho=rho, log_y=log_y, x_label=x_label, title=title
-        ),
     )
 
 
@@ -620,7 +461,7 @@ def sweep_summary(rho_hat: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         raise ValueError("rho_hat must be a sequence of 1-d arrays, one per swept value")
     if not rows:
         raise ValueError("rho_hat is empty")
-    vs = [_rho_hat(r, f"rho_hat[{i}]") for i, r in enumerate(rows)]
+    vs = [rho_hat_array(r, f"rho_hat[{i}]") for i, r in enumerate(rows)]
     q = np.array([np.quantile(v, [0.0, 0.25, 0.5, 0.75, 1.0]) for v in vs])
     return dict(zip(("min", "q1", "median", "q3", "max"), q.T, strict=True))
 
@@ -709,23 +550,23 @@ def sweep_figure(
     features, against ``raw_accuracy`` (a number: a horizontal line; or (p,)). Points are
     sorted by value. ``log_x="auto"``: log x when all values are > 0 and span a factor 10.
     """
-    x = _array(values, "values", 1)
+    x = finite_array(values, "values", 1)
     spread = sweep_summary(rho_hat)
     if spread["median"].size != x.size:
         raise ValueError(f"rho_hat has {spread['median'].size} entries, values has {x.size}")
-    rho = _check_rho(rho)
+    rho = checked_rho(rho)
     acc = raw = None
     if accuracy is not None:
-        acc = _array(accuracy, "accuracy", 1)
+        acc = finite_array(accuracy, "accuracy", 1)
         if acc.size != x.size:
             raise ValueError(f"accuracy has {acc.size} entries, values has {x.size}")
     if raw_accuracy is not None:
         if accuracy is None:
             raise ValueError("raw_accuracy needs accuracy (the baseline is drawn beside it)")
         if np.ndim(raw_accuracy) == 0:
-            raw = float(_array([raw_accuracy], "raw_accuracy", 1)[0])
+            raw = float(finite_array([raw_accuracy], "raw_accuracy", 1)[0])
         else:
-            raw = _array(raw_accuracy, "raw_accuracy", 1)
+            raw = finite_array(raw_accuracy, "raw_accuracy", 1)
             if raw.size != x.size:
                 raise ValueError(f"raw_accuracy has {raw.size} entries, values has {x.size}")
     log = _log_ok(x, log_x, "values")
@@ -734,91 +575,3 @@ def sweep_figure(
         (5.4, height),
         lambda fig: _draw_sweep(fig, x, spread, acc, raw, rho, str(name), log, title),
     )
-
-
-def sweep_png(
-    values: Sequence[float],
-    rho_hat: Sequence[np.ndarray],
-    *,
-    name: str = "beta",
-    accuracy: Sequence[float] | None = None,
-    raw_accuracy: float | Sequence[float] | None = None,
-    rho: float | None = None,
-    log_x: bool | str = "auto",
-    title: str = "",
-) -> bytes:
-    """PNG bytes of :func:`sweep_figure`."""
-    return figure_png(
-        sweep_figure(
-            values, rho_hat, name=name, accuracy=accuracy, raw_accuracy=raw_accuracy,
-            rho=rho, log_x=log_x, title=title,
-        )
-    )
-
-
-def save_sweep(
-    path: str | os.PathLike,
-    values: Sequence[float],
-    rho_hat: Sequence[np.ndarray],
-    *,
-    name: str = "beta",
-    accuracy: Sequence[float] | None = None,
-    raw_accuracy: float | Sequence[float] | None = None,
-    rho: float | None = None,
-    log_x: bool | str = "auto",
-    title: str = "",
-) -> None:
-    """Write :func:`sweep_png` to ``path``, atomically."""
-    write_png(
-        path,
-        sweep_png(
-            values, rho_hat, name=name, accuracy=accuracy, raw_accuracy=raw_accuracy,
-            rho=rho, log_x=log_x, title=title,
-        ),
-    )
-
-
-# ----------------------------------------------------------------------------- CSV
-def _num(x: float) -> str:
-    """A float as Python's shortest round-trip repr (deterministic, exact)."""
-    return repr(float(x))
-
-
-LOSS_CSV = csv_with_header("a saeflow loss CSV", "iteration,loss,")
-RHO_HAT_CSV = csv_with_header("a saeflow rho_hat CSV", "unit,rho_hat,target")
-
-
-def _write_csv(path: str | os.PathLike, header: Sequence[str], rows: list[list[str]],
-               kind) -> None:
-    text = "".join(",".join(r) + "\n" for r in [list(header), *rows])
-    with atomic_path(path, kind) as tmp:
-        tmp.write_bytes(text.encode("ascii"))
-
-
-def write_loss_csv(path: str | os.PathLike, history: Sequence[Mapping[str, Any]]) -> None:
-    """The loss terms per iteration as CSV for ``dvc plots``, atomically.
-
-    Columns ``iteration, loss, reconstruction, weight_decay, sparsity`` (and
-    ``auxiliary`` when the records have it: the terms then sum to the loss); one row per
-    record of ``history`` (``SparseAutoencoder.history_``); floats as Python's shortest
-    round-trip repr, "\\n" line ends: the same history gives the same bytes.
-    """
-    cols = history_columns(history)
-    header = [*LOSS_COLUMNS, *(["auxiliary"] if "auxiliary" in cols else [])]
-    rows = [
-        [str(int(cols["iteration"][t]))] + [_num(cols[c][t]) for c in header[1:]]
-        for t in range(cols["loss"].size)
-    ]
-    _write_csv(path, header, rows, LOSS_CSV)
-
-
-def write_rho_hat_csv(
-    path: str | os.PathLike, rho_hat: np.ndarray, rho: float | None = None
-) -> None:
-    """rho_hat per unit as CSV for ``dvc plots``, atomically: columns ``unit, rho_hat,
-    target`` (target = rho on every row, empty without one); floats as shortest repr."""
-    v = _rho_hat(rho_hat)
-    rho = _check_rho(rho)
-    target = "" if rho is None else _num(rho)
-    _write_csv(path, ["unit", "rho_hat", "target"],
-               [[str(j), _num(v[j]), target] for j in range(v.size)], RHO_HAT_CSV)

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from sae_core import plots
+from sae_core import plots, tables
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -27,15 +27,16 @@ history = [
 rh = 0.01 + 0.0005 * rng.standard_normal(25)
 W = rng.normal(size=(25, 64))
 PICTURES = {
-    "filters": lambda: plots.filter_grid_png(W, (8, 8), "f"),
-    "colour": lambda: plots.filter_grid_png(np.arange(4 * 12.0).reshape(4, 12), (2, 2, 3)),
-    "hist": lambda: plots.rho_hat_histogram_png(rh, 0.01),
-    "hist_log": lambda: plots.rho_hat_histogram_png(np.r_[rh, 0.0, 1e-5, 0.3], 0.01),
-    "loss": lambda: plots.loss_decomposition_png(history, np.geomspace(0.5, 0.01, 12), rho=0.01),
-    "pairs": lambda: plots.reconstructions_png(
+    "filters": lambda: plots.filter_grid_figure(W, (8, 8), "f"),
+    "colour": lambda: plots.filter_grid_figure(np.arange(4 * 12.0).reshape(4, 12), (2, 2, 3)),
+    "hist": lambda: plots.rho_hat_histogram_figure(rh, 0.01),
+    "hist_log": lambda: plots.rho_hat_histogram_figure(np.r_[rh, 0.0, 1e-5, 0.3], 0.01),
+    "loss": lambda: plots.loss_decomposition_figure(history, np.geomspace(0.5, 0.01, 12),
+                                                    rho=0.01),
+    "pairs": lambda: plots.reconstructions_figure(
         np.linspace(0, 1, 6 * 16).reshape(6, 16), np.linspace(0.2, 0.8, 6 * 16).reshape(6, 16),
         (4, 4)),
-    "sweep": lambda: plots.sweep_png(
+    "sweep": lambda: plots.sweep_figure(
         [0.0, 1.0, 3.0], [rh, rh / 2, np.r_[rh[:-1] / 4, 0.0]], rho=0.01,
         accuracy=[0.9, 0.95, 0.93], raw_accuracy=0.78),
 }
@@ -49,7 +50,7 @@ def _pictures() -> dict:
 
 
 def _render_all() -> dict[str, bytes]:
-    return {name: make() for name, make in _pictures().items()}
+    return {name: plots.figure_png(make()) for name, make in _pictures().items()}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,8 @@ def test_every_picture_is_a_png_and_byte_identical_when_redrawn(rendered):
 def test_pictures_are_byte_identical_in_a_fresh_process(rendered, python, subprocess_env):
     code = PICTURES_CODE + (
         "\nimport hashlib, json\n"
-        "print(json.dumps({k: hashlib.sha256(f()).hexdigest() for k, f in PICTURES.items()}))"
+        "print(json.dumps({k: hashlib.sha256(plots.figure_png(f())).hexdigest()\n"
+        "                  for k, f in PICTURES.items()}))"
     )
     out = subprocess.run(
         [python, "-c", code], env=subprocess_env, capture_output=True, text=True, check=True
@@ -122,15 +124,17 @@ def test_pictures_are_byte_identical_in_a_fresh_process(rendered, python, subpro
 def test_save_writes_the_png_bytes_atomically(tmp_path):
     W = np.random.default_rng(1).normal(size=(9, 16))
     target = tmp_path / "sub" / "filters.png"
-    plots.save_filter_grid(target, W, (4, 4), title="nine")
-    assert target.read_bytes() == plots.filter_grid_png(W, (4, 4), title="nine")
+    plots.save_figure(plots.filter_grid_figure(W, (4, 4), title="nine"), target)
+    assert target.read_bytes() == plots.figure_png(plots.filter_grid_figure(W, (4, 4), "nine"))
     rh = np.array([0.01, 0.02, 0.005])
-    plots.save_rho_hat_histogram(tmp_path / "h.png", rh, 0.01)
-    assert (tmp_path / "h.png").read_bytes() == plots.rho_hat_histogram_png(rh, 0.01)
+    plots.save_figure(plots.rho_hat_histogram_figure(rh, 0.01), tmp_path / "h.png")
+    assert (tmp_path / "h.png").read_bytes() == plots.figure_png(
+        plots.rho_hat_histogram_figure(rh, 0.01))
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["filters.png", "h.png", "sub"]
-    with pytest.raises(ValueError, match="png must be the bytes of a PNG image"):
-        plots.write_png(tmp_path / "x.png", b"GIF89a")
-    assert not (tmp_path / "x.png").exists()
+    (tmp_path / "x.png").write_bytes(b"GIF89a")  # not a picture saeflow drew: kept
+    with pytest.raises(ValueError, match=r"x\.png: exists and is not a PNG picture drawn by"):
+        plots.save_figure(plots.rho_hat_histogram_figure(rh, 0.01), tmp_path / "x.png")
+    assert (tmp_path / "x.png").read_bytes() == b"GIF89a"
 
 
 # ----------------------------------------------------------------------------- rho_hat
@@ -183,13 +187,13 @@ def test_rho_hat_histogram_marks_the_target_and_the_band():
 
 def test_rho_hat_inputs_are_checked():
     with pytest.raises(ValueError, match="rho_hat has negative values"):
-        plots.rho_hat_histogram_png(np.array([0.1, -0.1]))
+        plots.rho_hat_histogram_figure(np.array([0.1, -0.1]))
     with pytest.raises(ValueError, match="rho_hat must be 1-d"):
-        plots.rho_hat_histogram_png(np.zeros((2, 2)))
+        plots.rho_hat_histogram_figure(np.zeros((2, 2)))
     with pytest.raises(ValueError, match="rho must be a number in"):
-        plots.rho_hat_histogram_png(np.array([0.1]), rho=1.5)
+        plots.rho_hat_histogram_figure(np.array([0.1]), rho=1.5)
     with pytest.raises(ValueError, match="rho_hat is empty"):
-        plots.write_rho_hat_csv("never.csv", np.array([]))
+        tables.write_rho_hat_csv("never.csv", np.array([]))
 
 
 # ----------------------------------------------------------------------------- loss
@@ -223,12 +227,12 @@ def test_loss_decomposition_band_of_units_and_bad_input():
     mean = [line for line in fig.axes[1].get_lines() if "mean rho_hat" in line.get_label()]
     np.testing.assert_allclose(mean[0].get_ydata(), [0.5, 0.1, 0.02])
     with pytest.raises(ValueError, match="rho_hat_mean has 2 rows, history has 3 iterations"):
-        plots.loss_decomposition_png(HISTORY, np.array([0.5, 0.1]))
+        plots.loss_decomposition_figure(HISTORY, np.array([0.5, 0.1]))
     with pytest.raises(ValueError, match="history\\[1\\] has no 'sparsity'"):
-        plots.loss_decomposition_png([HISTORY[0], {"loss": 1.0, "reconstruction": 1.0,
+        plots.loss_decomposition_figure([HISTORY[0], {"loss": 1.0, "reconstruction": 1.0,
                                                    "weight_decay": 0.0}])
     with pytest.raises(ValueError, match="history is empty"):
-        plots.loss_decomposition_png([])
+        plots.loss_decomposition_figure([])
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -265,13 +269,13 @@ def test_sweep_figure_shows_spread_and_accuracy_against_the_baseline():
 def test_sweep_inputs_are_checked():
     rh = [np.full(3, 0.1), np.full(3, 0.2)]
     with pytest.raises(ValueError, match="rho_hat has 2 entries, values has 3"):
-        plots.sweep_png([1, 2, 3], rh)
+        plots.sweep_figure([1, 2, 3], rh)
     with pytest.raises(ValueError, match="accuracy has 1 entries, values has 2"):
-        plots.sweep_png([1, 2], rh, accuracy=[0.5])
+        plots.sweep_figure([1, 2], rh, accuracy=[0.5])
     with pytest.raises(ValueError, match="log_x=True needs values > 0"):
-        plots.sweep_png([0, 2], rh, log_x=True)
+        plots.sweep_figure([0, 2], rh, log_x=True)
     with pytest.raises(ValueError, match="raw_accuracy needs accuracy"):
-        plots.sweep_png([1, 2], rh, raw_accuracy=0.7)
+        plots.sweep_figure([1, 2], rh, raw_accuracy=0.7)
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -283,17 +287,17 @@ def test_loss_csv_exact_bytes(tmp_path):
          "sparsity": 0.5, "auxiliary": 0.0},
     ]
     path = tmp_path / "plots" / "loss.csv"
-    plots.write_loss_csv(path, history)
+    tables.write_loss_csv(path, history)
     assert path.read_bytes() == (
         b"iteration,loss,reconstruction,weight_decay,sparsity,auxiliary\n"
         b"0,0.30000000000000004,0.25,0.0001,0.04999999999999999,0.0\n"
         b"1,2.0,1.5,0.0,0.5,0.0\n"
     )
     first = path.read_bytes()
-    plots.write_loss_csv(path, history)
+    tables.write_loss_csv(path, history)
     assert path.read_bytes() == first
     # records without auxiliary / iteration: the five columns, iterations counted from 0
-    plots.write_loss_csv(path, [{k: v for k, v in r.items() if k != "auxiliary"}
+    tables.write_loss_csv(path, [{k: v for k, v in r.items() if k != "auxiliary"}
                                 for r in HISTORY])
     lines = path.read_text().splitlines()
     assert lines[0] == "iteration,loss,reconstruction,weight_decay,sparsity"
@@ -303,9 +307,9 @@ def test_loss_csv_exact_bytes(tmp_path):
 
 def test_rho_hat_csv_exact_bytes(tmp_path):
     path = tmp_path / "rho_hat.csv"
-    plots.write_rho_hat_csv(path, np.array([0.01, 1 / 3, 0.0]), 0.01)
+    tables.write_rho_hat_csv(path, np.array([0.01, 1 / 3, 0.0]), 0.01)
     assert path.read_bytes() == (
         b"unit,rho_hat,target\n0,0.01,0.01\n1,0.3333333333333333,0.01\n2,0.0,0.01\n"
     )
-    plots.write_rho_hat_csv(path, np.array([0.5]))
+    tables.write_rho_hat_csv(path, np.array([0.5]))
     assert path.read_text() == "unit,rho_hat,target\n0,0.5,\n"
