@@ -13,7 +13,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 FIRE_THRESHOLD = 1e-3
 """An activation above this counts as the unit having fired (Gao et al. 2024)."""
@@ -23,8 +23,11 @@ SOLVERS = ("lbfgs", "adam")
 DTYPES = ("float32", "float64")
 
 
-def _fail(name: str, allowed: str, value: Any) -> None:
-    raise ValueError(f"{name} must be {allowed}; got {value!r}")
+def invalid_setting(name: str, allowed: str, value: Any, owner: str = "") -> NoReturn:
+    """Raise the one-line error of a setting out of range: "[Owner.]name must be allowed;
+    got value" (every config class of sae_core reports this way)."""
+    prefix = f"{owner}." if owner else ""
+    raise ValueError(f"{prefix}{name} must be {allowed}; got {value!r}")
 
 
 def is_int(value: Any) -> bool:
@@ -100,48 +103,49 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if not is_int(self.n_components) or self.n_components < 1:
-            _fail("n_components", "an integer >= 1", self.n_components)
+            invalid_setting("n_components", "an integer >= 1", self.n_components)
         if self.penalty not in PENALTIES:
-            _fail("penalty", f"one of {', '.join(PENALTIES)}", self.penalty)
+            invalid_setting("penalty", f"one of {', '.join(PENALTIES)}", self.penalty)
         if not is_real(self.rho) or not 0.0 < self.rho < 1.0:
-            _fail("rho", "a number in the open interval (0, 1)", self.rho)
+            invalid_setting("rho", "a number in the open interval (0, 1)", self.rho)
         for name in ("beta", "weight_decay", "l1_coefficient", "aux_coefficient", "tol"):
             value = getattr(self, name)
             if not is_real(value) or value < 0:
-                _fail(name, "a finite number >= 0", value)
+                invalid_setting(name, "a finite number >= 0", value)
         if self.k is not None and (
             not is_int(self.k) or not 1 <= self.k <= self.n_components
         ):
-            _fail("k", f"an integer in [1, n_components={self.n_components}] or None", self.k)
+            invalid_setting("k", f"an integer in [1, n_components={self.n_components}] or None",
+                            self.k)
         if self.aux_k is not None and (
             not is_int(self.aux_k) or not 1 <= self.aux_k <= self.n_components
         ):
-            _fail("aux_k", f"an integer in [1, n_components={self.n_components}] or None",
-                  self.aux_k)
+            invalid_setting("aux_k", f"an integer in [1, n_components={self.n_components}] or None",
+                            self.aux_k)
         for name in ("dead_window", "max_iter", "lbfgs_history", "batch_size"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
-                _fail(name, "an integer >= 1", value)
+                invalid_setting(name, "an integer >= 1", value)
         if self.solver not in SOLVERS:
-            _fail("solver", f"one of {', '.join(SOLVERS)}", self.solver)
+            invalid_setting("solver", f"one of {', '.join(SOLVERS)}", self.solver)
         if self.aux_k is not None and self.solver != "adam":
             # AuxK treats the main model's residual as a constant (a stop-gradient), so
             # its gradient is not the derivative of the loss a line search compares
-            _fail("aux_k", "None unless solver='adam' (AuxK's stop-gradient defeats the "
-                  "L-BFGS line search)", self.aux_k)
+            invalid_setting("aux_k", "None unless solver='adam' (AuxK's stop-gradient defeats the "
+                            "L-BFGS line search)", self.aux_k)
         if not is_real(self.learning_rate) or self.learning_rate <= 0:
-            _fail("learning_rate", "a finite number > 0", self.learning_rate)
+            invalid_setting("learning_rate", "a finite number > 0", self.learning_rate)
         if self.dtype not in DTYPES:
-            _fail("dtype", f"one of {', '.join(DTYPES)}", self.dtype)
+            invalid_setting("dtype", f"one of {', '.join(DTYPES)}", self.dtype)
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda")
             or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
-            _fail("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+            invalid_setting("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         if self.random_state is not None and (
             not is_int(self.random_state) or self.random_state < 0
         ):
-            _fail("random_state", "an integer >= 0 or None", self.random_state)
+            invalid_setting("random_state", "an integer >= 0 or None", self.random_state)
 
         # numpy scalars (from np.arange grids) pass the checks; store plain Python numbers
         # so the settings serialise to JSON (checkpoints, model files)

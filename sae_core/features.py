@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -116,13 +115,12 @@ def whiten_1f_stack(images: np.ndarray, f0: float = 0.4) -> np.ndarray:
     mean removed, spectrum times R(f) = |f| exp(-(|f|/f0)^4), then scaled to unit variance
     (a constant image stays 0). One batched FFT, no loop over images.
     """
+    from sae_core.patches import one_over_f_filter
+
     x = as_image_stack(images).astype(np.float64)
     axes = (1, 2)
     h, w = x.shape[1:3]
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.rfftfreq(w)[None, :]
-    radius = np.sqrt(fx * fx + fy * fy)
-    filt = radius * np.exp(-((radius / f0) ** 4))
+    filt = one_over_f_filter(h, w, f0)
     if x.ndim == 4:
         filt = filt[:, :, None]
     x = x - x.mean(axis=axes, keepdims=True)
@@ -427,44 +425,3 @@ def conv_features(
         return feats
     flops = 2.0 * n * nh * nw * enc.n_features * enc.n_components
     return feats, FeatureStats(n, (nh, nw), flops, seconds)
-
-
-def conv_features_loop(
-    estimator: Any,
-    images: Sequence[np.ndarray] | np.ndarray,
-    *,
-    transform: PatchTransform | None = None,
-    stride: int = 1,
-    pool_grid: Any = (2, 2),
-    pool: str = "sum",
-    pad: int = 0,
-) -> np.ndarray:
-    """The slow reference of :func:`conv_features` (no whitening): for each image and each
-    position, cut the channels-last patch, ``transform.apply`` it (float64) and
-    ``estimator.transform`` it, then pool region by region. For tests only."""
-    x = as_image_stack(images)
-    width = ((0, 0), (pad, pad), (pad, pad)) + (((0, 0),) if x.ndim == 4 else ())
-    x = np.pad(x, width)
-    gh, gw = _check_grid(pool_grid)
-    d = estimator.components_.shape[1]
-    channels = 1 if x.ndim == 3 else x.shape[3]
-    p = math.isqrt(d // channels)
-    nh, nw = output_grid(x.shape[1], x.shape[2], p, stride)
-    s = estimator.components_.shape[0]
-    reducer = {"sum": np.sum, "mean": np.mean, "max": np.max}[pool]
-    out = np.zeros((x.shape[0], gh * gw * s))
-    for n in range(x.shape[0]):
-        maps = np.zeros((nh, nw, s))
-        for i in range(nh):
-            for j in range(nw):
-                patch = x[n, i * stride : i * stride + p, j * stride : j * stride + p]
-                v = patch.reshape(1, -1).astype(np.float64)
-                if transform is not None:
-                    v = transform.apply(v, dtype=np.float64)
-                maps[i, j] = estimator.transform(v)[0]
-        r = 0
-        for r0, r1 in region_bounds(nh, gh):
-            for c0, c1 in region_bounds(nw, gw):
-                out[n, r * s : (r + 1) * s] = reducer(maps[r0:r1, c0:c1], axis=(0, 1))
-                r += 1
-    return out

@@ -16,6 +16,7 @@ dimension is ``p*p`` (grayscale) or ``p*p*C``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -26,8 +27,20 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from sae_core.config import is_int, is_real
+from sae_core.config import invalid_setting, is_int, is_real
 from sae_core.outputs import safetensors_with
+
+_invalid = functools.partial(invalid_setting, owner="PatchConfig")
+"""A PatchConfig setting out of range (:func:`sae_core.config.invalid_setting`)."""
+
+
+def one_over_f_filter(h: int, w: int, f0: float = 0.4) -> np.ndarray:
+    """The Olshausen & Field whitening filter on the ``rfft2`` grid of an (h, w) image:
+    R(f) = |f| exp(-(|f| / f0)^4), |f| in cycles/pixel, shape (h, w // 2 + 1)."""
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    radius = np.sqrt(fx * fx + fy * fy)
+    return radius * np.exp(-((radius / f0) ** 4))
 
 
 def whiten_1f(image: np.ndarray, f0: float = 0.4) -> np.ndarray:
@@ -44,11 +57,7 @@ def whiten_1f(image: np.ndarray, f0: float = 0.4) -> np.ndarray:
     if not np.isfinite(img).all():
         raise ValueError("whiten_1f: image contains NaN or Inf")
     h, w = img.shape
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.rfftfreq(w)[None, :]
-    radius = np.sqrt(fx * fx + fy * fy)
-    filt = radius * np.exp(-((radius / f0) ** 4))
-    out = np.fft.irfft2(np.fft.rfft2(img - img.mean()) * filt, s=(h, w))
+    out = np.fft.irfft2(np.fft.rfft2(img - img.mean()) * one_over_f_filter(h, w, f0), s=(h, w))
     std = out.std()
     return out / std if std > 0 else out
 
@@ -664,9 +673,6 @@ class PatchTransform:
 # ================================================================================ config
 
 
-def _fail(name: str, allowed: str, value: Any) -> None:
-    raise ValueError(f"PatchConfig.{name} must be {allowed}; got {value!r}")
-
 
 @dataclass(frozen=True)
 class PatchConfig:
@@ -705,27 +711,27 @@ class PatchConfig:
 
     def __post_init__(self) -> None:
         if not is_int(self.patch_size) or self.patch_size < 1:
-            _fail("patch_size", "an integer >= 1", self.patch_size)
+            _invalid("patch_size", "an integer >= 1", self.patch_size)
         if not is_int(self.n_patches) or self.n_patches < 1:
-            _fail("n_patches", "an integer >= 1", self.n_patches)
+            _invalid("n_patches", "an integer >= 1", self.n_patches)
         if self.whitening not in WHITENINGS:
-            _fail("whitening", f"one of {WHITENINGS}", self.whitening)
+            _invalid("whitening", f"one of {WHITENINGS}", self.whitening)
         if not isinstance(self.zca, (bool, np.bool_)):
-            _fail("zca", "a bool (True or False)", self.zca)
+            _invalid("zca", "a bool (True or False)", self.zca)
         if not is_real(self.zca_epsilon) or self.zca_epsilon <= 0:
-            _fail("zca_epsilon", "a finite number > 0", self.zca_epsilon)
+            _invalid("zca_epsilon", "a finite number > 0", self.zca_epsilon)
         if self.normalisation not in NORMALISATIONS:
-            _fail("normalisation", f"one of {NORMALISATIONS}", self.normalisation)
+            _invalid("normalisation", f"one of {NORMALISATIONS}", self.normalisation)
         if not is_real(self.contrast_eps) or self.contrast_eps <= 0:
-            _fail("contrast_eps", "a finite number > 0", self.contrast_eps)
+            _invalid("contrast_eps", "a finite number > 0", self.contrast_eps)
         if self.sampling not in SAMPLINGS:
-            _fail("sampling", f"one of {SAMPLINGS}", self.sampling)
+            _invalid("sampling", f"one of {SAMPLINGS}", self.sampling)
         if not is_int(self.stride) or self.stride < 1:
-            _fail("stride", "an integer >= 1", self.stride)
+            _invalid("stride", "an integer >= 1", self.stride)
         if not is_real(self.heldout_fraction) or not 0 <= self.heldout_fraction < 1:
-            _fail("heldout_fraction", "a number in [0, 1)", self.heldout_fraction)
+            _invalid("heldout_fraction", "a number in [0, 1)", self.heldout_fraction)
         if not is_int(self.seed) or self.seed < 0:
-            _fail("seed", "an integer >= 0", self.seed)
+            _invalid("seed", "an integer >= 0", self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""

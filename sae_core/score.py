@@ -27,35 +27,38 @@ digit's shifted copies may be training digits. That is the published protocol; s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from sae_core.config import is_int, is_real
+from sae_core.config import invalid_setting, is_int, is_real
 from sae_core.features import INTERPOLATIONS, POOL_OPS, as_image_stack
 from sae_core.outputs import json_with_keys
+from sae_core.patches import WHITENINGS as PATCH_WHITENINGS
+
+_invalid = functools.partial(invalid_setting, owner="ScoreConfig")
+"""A ScoreConfig setting out of range (:func:`sae_core.config.invalid_setting`)."""
 
 PROTOCOLS = ("standard", "self_taught")
 CLASSIFIERS = ("logistic", "linear_svm")
 SOLVERS = ("newton-cg", "lbfgs")
 SCALINGS = ("minmax", "per_pixel", "none")
-WHITENINGS = ("auto", "none", "1f")
+WHITENINGS = ("auto", *PATCH_WHITENINGS)
+"""'auto': as the SAE's own patches were whitened."""
 
-
-def _fail(name: str, allowed: str, value: Any) -> None:
-    raise ValueError(f"ScoreConfig.{name} must be {allowed}; got {value!r}")
 
 
 def _classes(name: str, value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        _fail(name, "a list of distinct integer class ids >= 0, or null", value)
+        _invalid(name, "a list of distinct integer class ids >= 0, or null", value)
     items = list(value)
     if not items or not all(is_int(v) and v >= 0 for v in items) or len(set(items)) != len(items):
-        _fail(name, "a non-empty list of distinct integer class ids >= 0, or null", value)
+        _invalid(name, "a non-empty list of distinct integer class ids >= 0, or null", value)
     return tuple(int(v) for v in items)
 
 
@@ -135,57 +138,57 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            _fail("protocol", f"one of {', '.join(PROTOCOLS)}", self.protocol)
+            _invalid("protocol", f"one of {', '.join(PROTOCOLS)}", self.protocol)
         lab = _classes("labeled_classes", self.labeled_classes)
         unl = _classes("unlabeled_classes", self.unlabeled_classes)
         if self.protocol == "self_taught" and unl is None:
-            _fail("unlabeled_classes", "a non-empty list for protocol 'self_taught'", unl)
+            _invalid("unlabeled_classes", "a non-empty list for protocol 'self_taught'", unl)
         if self.protocol == "standard" and unl is not None:
-            _fail("unlabeled_classes", "null for protocol 'standard' (use 'self_taught')", unl)
+            _invalid("unlabeled_classes", "null for protocol 'standard' (use 'self_taught')", unl)
         if lab is not None and unl is not None and set(lab) & set(unl):
-            _fail("labeled_classes", f"disjoint from unlabeled_classes {list(unl)}", lab)
+            _invalid("labeled_classes", f"disjoint from unlabeled_classes {list(unl)}", lab)
         object.__setattr__(self, "labeled_classes", lab)
         object.__setattr__(self, "unlabeled_classes", unl)
         if self.classifier not in CLASSIFIERS:
-            _fail("classifier", f"one of {', '.join(CLASSIFIERS)}", self.classifier)
+            _invalid("classifier", f"one of {', '.join(CLASSIFIERS)}", self.classifier)
         if self.solver not in SOLVERS:
-            _fail("solver", f"one of {', '.join(SOLVERS)}", self.solver)
+            _invalid("solver", f"one of {', '.join(SOLVERS)}", self.solver)
         for name in ("C", "raw_C", "image_scale"):
             value = getattr(self, name)
             if not is_real(value) or value <= 0:
-                _fail(name, "a finite number > 0", value)
+                _invalid(name, "a finite number > 0", value)
         for name in ("standardize", "raw_standardize", "stratify", "nudge"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
-                _fail(name, "true or false", getattr(self, name))
+                _invalid(name, "true or false", getattr(self, name))
         if not is_int(self.pad) or self.pad < 0:
-            _fail("pad", "an integer >= 0", self.pad)
+            _invalid("pad", "an integer >= 0", self.pad)
         for name in ("max_iter", "stride"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
-                _fail(name, "an integer >= 1", value)
+                _invalid(name, "an integer >= 1", value)
         if not is_real(self.test_size) or not 0 < self.test_size < 1:
-            _fail("test_size", "a number in the open interval (0, 1)", self.test_size)
+            _invalid("test_size", "a number in the open interval (0, 1)", self.test_size)
         if not is_int(self.random_state) or self.random_state < 0:
-            _fail("random_state", "an integer >= 0", self.random_state)
+            _invalid("random_state", "an integer >= 0", self.random_state)
         if self.scaling not in SCALINGS:
-            _fail("scaling", f"one of {', '.join(SCALINGS)}", self.scaling)
+            _invalid("scaling", f"one of {', '.join(SCALINGS)}", self.scaling)
         if not is_int(self.cv) or self.cv < 0 or self.cv == 1:
-            _fail("cv", "0 (off) or an integer >= 2", self.cv)
+            _invalid("cv", "0 (off) or an integer >= 2", self.cv)
         if self.interpolation not in INTERPOLATIONS:
-            _fail("interpolation", f"one of {', '.join(INTERPOLATIONS)}", self.interpolation)
+            _invalid("interpolation", f"one of {', '.join(INTERPOLATIONS)}", self.interpolation)
         if self.whitening not in WHITENINGS:
-            _fail("whitening", f"one of {', '.join(WHITENINGS)}", self.whitening)
+            _invalid("whitening", f"one of {', '.join(WHITENINGS)}", self.whitening)
         grid = self.pool_grid
         if is_int(grid):
             grid = (grid, grid)
         if isinstance(grid, (str, bytes)) or not hasattr(grid, "__iter__"):
-            _fail("pool_grid", "an integer >= 1 or a pair [rows, cols] of them", self.pool_grid)
+            _invalid("pool_grid", "an integer >= 1 or a pair [rows, cols] of them", self.pool_grid)
         grid = tuple(grid)
         if len(grid) != 2 or not all(is_int(g) and g >= 1 for g in grid):
-            _fail("pool_grid", "an integer >= 1 or a pair [rows, cols] of them", self.pool_grid)
+            _invalid("pool_grid", "an integer >= 1 or a pair [rows, cols] of them", self.pool_grid)
         object.__setattr__(self, "pool_grid", (int(grid[0]), int(grid[1])))
         if self.pool not in POOL_OPS:
-            _fail("pool", f"one of {', '.join(POOL_OPS)}", self.pool)
+            _invalid("pool", f"one of {', '.join(POOL_OPS)}", self.pool)
         # plain Python scalars, so that to_dict() is JSON-ready
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -4,6 +4,7 @@ TopK per position, whitening and resizing of image stacks, one-line errors."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -12,14 +13,57 @@ import torch
 from sae_core import SparseAutoencoder
 from sae_core.features import (
     ConvEncoder,
+    as_image_stack,
     conv_features,
-    conv_features_loop,
+    output_grid,
     pool_maps,
     region_bounds,
     upscale_images,
     whiten_1f_stack,
 )
 from sae_core.patches import PatchTransform, extract_dense, whiten_1f
+
+
+def conv_features_loop(
+    estimator,
+    images,
+    *,
+    transform=None,
+    stride: int = 1,
+    pool_grid=(2, 2),
+    pool: str = "sum",
+    pad: int = 0,
+) -> np.ndarray:
+    """The slow reference of :func:`conv_features` (no whitening): for each image and each
+    position, cut the channels-last patch, ``transform.apply`` it (float64) and
+    ``estimator.transform`` it, then pool region by region: the oracle the batched
+    tensor code is checked against."""
+    x = as_image_stack(images)
+    width = ((0, 0), (pad, pad), (pad, pad)) + (((0, 0),) if x.ndim == 4 else ())
+    x = np.pad(x, width)
+    gh, gw = pool_grid
+    d = estimator.components_.shape[1]
+    channels = 1 if x.ndim == 3 else x.shape[3]
+    p = math.isqrt(d // channels)
+    nh, nw = output_grid(x.shape[1], x.shape[2], p, stride)
+    s = estimator.components_.shape[0]
+    reducer = {"sum": np.sum, "mean": np.mean, "max": np.max}[pool]
+    out = np.zeros((x.shape[0], gh * gw * s))
+    for n in range(x.shape[0]):
+        maps = np.zeros((nh, nw, s))
+        for i in range(nh):
+            for j in range(nw):
+                patch = x[n, i * stride : i * stride + p, j * stride : j * stride + p]
+                v = patch.reshape(1, -1).astype(np.float64)
+                if transform is not None:
+                    v = transform.apply(v, dtype=np.float64)
+                maps[i, j] = estimator.transform(v)[0]
+        r = 0
+        for r0, r1 in region_bounds(nh, gh):
+            for c0, c1 in region_bounds(nw, gw):
+                out[n, r * s : (r + 1) * s] = reducer(maps[r0:r1, c0:c1], axis=(0, 1))
+                r += 1
+    return out
 
 
 def images(n=4, h=7, w=8, c=None, seed=0):
