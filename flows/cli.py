@@ -13,13 +13,6 @@ from pathlib import Path
 from flows import servers
 
 
-def _cmd_version(args: argparse.Namespace) -> int:
-    from importlib.metadata import version
-
-    print(f"saeflow {version('saeflow')}")
-    return 0
-
-
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
     """Central-difference check of every penalty's gradient, in float64."""
     from sae_core.config import SAEConfig
@@ -49,27 +42,27 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
     from sae_core.io import MODEL, write_json
     from sae_core.outputs import PNG, check_paths
     from sae_core.patches import natural_patches
-    from sae_core.plots import save_filter_grid
+    from sae_core.plots import filter_grid_figure, save_figure
     from sae_core.stats import SPARSITY_METRICS, sparsity_stats
 
     out = Path(args.out)
-    check_paths(inputs={"--store": args.store},
+    check_paths(inputs={"patches": args.patches},
                 outputs={"model": (out / "model", MODEL),
                          "sparsity": (out / "sparsity.json", SPARSITY_METRICS),
                          "filters": (out / "filters.png", PNG)})
-    if args.store:
+    if args.patches:
         from sae_core.patch_store import read_patch_store
 
-        store = read_patch_store(args.store)
+        store = read_patch_store(args.patches)
         X = store.train
         side = store.patch_shape[0]
-        print(f"training on {X.shape[0]} patches of {args.store}")
+        print(f"training on {X.shape[0]} patches of {args.patches}")
     else:
         side = 8
-        print(f"sampling {args.patches} 8x8 patches from the built-in natural images ...")
-        X = natural_patches(args.patches, 8, seed=args.seed)
-    if len(store.patch_shape if args.store else (8, 8)) != 2 or X.shape[1] != side * side:
-        raise ValueError(f"{args.store}: the exercise needs grayscale square patches")
+        print(f"sampling {args.n_patches} 8x8 patches from the built-in natural images ...")
+        X = natural_patches(args.n_patches, 8, seed=args.seed)
+    if len(store.patch_shape if args.patches else (8, 8)) != 2 or X.shape[1] != side * side:
+        raise ValueError(f"{args.patches}: the exercise needs grayscale square patches")
     sae = SparseAutoencoder(25, rho=0.01, beta=3.0, weight_decay=1e-4, max_iter=args.iterations,
                             random_state=args.seed)
     start = time.perf_counter()
@@ -80,8 +73,8 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
     rho_hat = stats.rho_hat
     sae.save(out / "model")
     write_json(out / "sparsity.json", stats.metrics(), SPARSITY_METRICS)
-    save_filter_grid(out / "filters.png", sae.components_, (side, side),
-                     title="25 filters learned on natural patches (rho 0.01, beta 3)")
+    save_figure(filter_grid_figure(sae.components_, (side, side), title="25 filters learned "
+                                   "on natural patches (rho 0.01, beta 3)"), out / "filters.png")
     n = X.shape[1]
     print(f"trained {n}-25-{n} for {sae.n_iter_} L-BFGS iterations in {seconds:.2f} s")
     print(f"loss {last['loss']:.5f} = reconstruction {last['reconstruction']:.5f} "
@@ -95,21 +88,23 @@ def _cmd_exercise(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_ingest(args: argparse.Namespace) -> int:
-    """params.yaml's ingest.sources -> one Parquet dataset and its JSON manifest."""
-    from flows.ingest import ingest
+def _stage_kwargs(args: argparse.Namespace) -> dict:
+    """The stage's path options (and ``--data-dir`` where the stage has it) as its keyword
+    arguments."""
+    from flows.stages import BY_NAME
 
-    ingest(images=args.out, images_manifest=args.manifest, params_file=args.params,
-           data_dir=args.data_dir)
-    return 0
+    kwargs = {name: getattr(args, name) for name in BY_NAME[args.stage].path_args}
+    if getattr(args, "data_dir", None) is not None:
+        kwargs["data_dir"] = args.data_dir
+    return {**kwargs, "params_file": args.params}
 
 
-def _cmd_patches(args: argparse.Namespace) -> int:
-    """A dataset + params.yaml's patches section -> the patch store and the fitted transform."""
-    from flows.patches import patches
+def _cmd_direct(args: argparse.Namespace) -> int:
+    """``saeflow ingest`` / ``saeflow patches``: the stage's body in this process, without
+    Prefect (no server needed); the same options as ``saeflow stage NAME``."""
+    from flows.stages import BY_NAME
 
-    patches(images=args.dataset, patches=args.out, transform=args.transform,
-            params_file=args.params)
+    BY_NAME[args.stage].body()(**_stage_kwargs(args))
     return 0
 
 
@@ -154,9 +149,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from flows.stages import BY_NAME
 
     servers.use_prefect()
-    stage = BY_NAME[args.stage]
-    kwargs = {name: getattr(args, name) for name in stage.path_args}
-    _run_flow(stage.flow(), **kwargs, params_file=args.params)
+    _run_flow(BY_NAME[args.stage].flow(), **_stage_kwargs(args))
     return 0
 
 
@@ -252,16 +245,36 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return 0 if all(s.ok for s in statuses) else 1
 
 
+def _add_stage_paths(p: argparse.ArgumentParser, stage) -> None:
+    """A stage's path options, named after dvc.yaml's paths (``--images``, ``--model``...):
+    one vocabulary for ``saeflow stage NAME`` and the direct commands."""
+    for name in stage.path_args:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, metavar="PATH",
+                       required=name not in stage.optional,
+                       help=("reads" if name in stage.inputs else "writes") + " this path")
+    if stage.name == "ingest":
+        p.add_argument("--data-dir", default=None,
+                       help="where downloads go (relative to params; default data)")
+    p.set_defaults(stage=stage.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
+    from flows.stages import BY_NAME, STAGES
+
     parser = argparse.ArgumentParser(
         prog="saeflow",
         description="Sparse-autoencoder feature-learning experiments.",
     )
+    parser.add_argument("--version", action="version", version=f"saeflow {version('saeflow')}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # the options several commands share, declared once
+    params = argparse.ArgumentParser(add_help=False)
+    params.add_argument("--params", default="params.yaml", help="the settings file")
+    dvc_yaml = argparse.ArgumentParser(add_help=False)
+    dvc_yaml.add_argument("--dvc-yaml", default="dvc.yaml", help="the pipeline file")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("version", help="print the version")
-    p.set_defaults(func=_cmd_version)
 
     p = sub.add_parser("gradcheck", help="check every penalty's gradient by central differences")
     p.add_argument("--samples", type=int, default=50)
@@ -269,78 +282,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=6)
     p.set_defaults(func=_cmd_gradcheck)
 
-    p = sub.add_parser("ingest", help="read the sources of params.yaml into a Parquet dataset")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--out", required=True, help="Parquet file to write")
-    p.add_argument("--manifest", required=True, help="JSON manifest to write")
-    p.add_argument("--data-dir", default="data", help="where downloads go (relative to params)")
-    p.set_defaults(func=_cmd_ingest)
-
-    p = sub.add_parser("patches", help="cut, whiten and normalise patches of a dataset")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--dataset", required=True, help="Parquet dataset written by ingest")
-    p.add_argument("--out", required=True, help="patch store (Arrow IPC) to write")
-    p.add_argument("--transform", required=True, help="fitted transform (safetensors) to write")
-    p.set_defaults(func=_cmd_patches)
+    for name, help_ in (("ingest", "read the sources of params.yaml into Parquet datasets "
+                                   "(no Prefect)"),
+                        ("patches", "cut, whiten and normalise patches of a dataset (no Prefect)")):
+        p = sub.add_parser(name, help=help_, parents=[params])
+        _add_stage_paths(p, BY_NAME[name])
+        p.set_defaults(func=_cmd_direct)
 
     p = sub.add_parser("exercise", help="run the UFLDL sparse-autoencoder exercise")
     p.add_argument("--out", default="outputs/exercise", help="output folder")
-    p.add_argument("--patches", type=int, default=10_000,
-                   help="patches to sample from the built-in images (without --store)")
-    p.add_argument("--store", help="train on this patch store (from `saeflow patches`)")
+    p.add_argument("--n-patches", type=int, default=10_000,
+                   help="patches to sample from the built-in images (without --patches)")
+    p.add_argument("--patches", metavar="PATH",
+                   help="train on this patch store (from `saeflow patches`)")
     p.add_argument("--iterations", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_exercise)
-    from flows.stages import STAGES
 
-    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    p = sub.add_parser("stage", help="run one pipeline stage as a Prefect flow (what dvc.yaml "
+                       "calls)")
     stage_sub = p.add_subparsers(dest="stage", metavar="NAME", required=True)
     for st in STAGES:
-        sp = stage_sub.add_parser(st.name, help=st.help)
-        sp.add_argument("--params", default="params.yaml")
-        for name in st.path_args:
-            sp.add_argument("--" + name.replace("_", "-"), dest=name,
-                            required=name not in st.optional, metavar="PATH",
-                            help=("reads" if name in st.inputs else "writes") + " this path")
+        sp = stage_sub.add_parser(st.name, help=st.help, parents=[params])
+        _add_stage_paths(sp, st)
         sp.set_defaults(func=_cmd_stage)
 
-    p = sub.add_parser("pipeline", help="run all stages as one Prefect flow, then dvc commit")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--dvc-yaml", default="dvc.yaml")
+    p = sub.add_parser("pipeline", help="run all stages as one Prefect flow, then dvc commit",
+                       parents=[params, dvc_yaml])
     p.add_argument("--no-dvc-commit", action="store_true",
                    help="do not record the outputs in dvc.lock afterwards")
     p.add_argument("--push", action="store_true",
                    help="afterwards, dvc push the outputs to the default DVC remote (team)")
     p.set_defaults(func=_cmd_pipeline)
 
-    p = sub.add_parser("report", help="HTML report of a run, or a comparison of several")
+    p = sub.add_parser("report", help="HTML report of a run, or a comparison of several",
+                       parents=[params])
     p.add_argument("--out", default="report.html", help="HTML file to write")
     p.add_argument("--run", action="append", default=[], metavar="RUN_ID",
                    help="an MLflow run to report (repeatable); default: the newest runs")
     p.add_argument("--last", type=int, default=1, help="report the newest N pipeline runs")
     p.add_argument("--where", action="append", default=[], metavar="FILTER",
                    help="keep runs matching e.g. 'train.beta>=1' or 'score/accuracy>0.9'")
-    p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("schedule", help="serve the pipeline flow on a cron schedule (Prefect)")
+    p = sub.add_parser("schedule", help="serve the pipeline flow on a cron schedule (Prefect)",
+                       parents=[params, dvc_yaml])
     p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1"')
     p.add_argument("--name", default="saeflow-retrain")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--dvc-yaml", default="dvc.yaml")
     p.set_defaults(func=_cmd_schedule)
 
-    p = sub.add_parser("audit", help="which sparsity settings produced which models (MLflow)")
+    p = sub.add_parser("audit", help="which sparsity settings produced which models (MLflow)",
+                       parents=[params])
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--where", action="append", default=[], metavar="FILTER",
                    help="keep versions matching e.g. 'beta>=1' or 'penalty=topk' (repeatable)")
     p.add_argument("--model", default=None,
                    help="registered model name (default: params.yaml tracking.registered_model)")
-    p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=_cmd_audit)
 
-    p = sub.add_parser("summary", help="where the outputs are and how to open the UIs")
-    p.add_argument("--dvc-yaml", default="dvc.yaml")
+    p = sub.add_parser("summary", help="where the outputs are and how to open the UIs",
+                       parents=[dvc_yaml])
     p.set_defaults(func=_cmd_summary)
 
     p = sub.add_parser("server", help="the services in use: status of Prefect, MLflow and the "

@@ -32,6 +32,10 @@ class Stage:
         """The Prefect flow object (imports the stage module, hence prefect)."""
         return getattr(importlib.import_module(self.module), f"{self.name}_flow")
 
+    def body(self):
+        """The function the flow wraps: the stage's work, callable without Prefect."""
+        return getattr(importlib.import_module(self.module), self.name)
+
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "flows.ingest", (), ("images", "images_manifest", "labeled",

@@ -15,7 +15,7 @@ def test_help_exits_zero_and_prints_usage(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: saeflow" in out
-    for command in ("gradcheck", "exercise", "version"):
+    for command in ("gradcheck", "exercise", "--version"):
         assert command in out
 
 
@@ -34,7 +34,9 @@ def test_unknown_command_exits_non_zero(capsys):
 def test_version(capsys):
     import sae_core
 
-    assert main(["version"]) == 0
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])  # argparse's own version action
+    assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"saeflow {sae_core.__version__}"
 
 
@@ -61,7 +63,7 @@ def test_debug_flag_reraises():
 
 def test_parser_defaults():
     args = build_parser().parse_args(["exercise"])
-    assert (args.patches, args.iterations, args.seed) == (10_000, 400, 0)
+    assert (args.n_patches, args.patches, args.iterations, args.seed) == (10_000, None, 400, 0)
     args = build_parser().parse_args(["gradcheck"])
     assert (args.samples, args.patch, args.hidden) == (50, 4, 6)
 
@@ -94,7 +96,7 @@ def test_import_does_not_load_torch(python, subprocess_env, repo_root):
     assert proc.stdout.strip() == "True"
 
 
-@pytest.mark.parametrize("argv, status", [(["version"], 0),
+@pytest.mark.parametrize("argv, status", [(["gradcheck", "--samples", "5"], 0),
                                           (["summary", "--dvc-yaml", "/nonexistent.yaml"], 2)])
 def test_console_script_freezes_the_heap_before_shutdown(python, subprocess_env, argv, status):
     """Interpreter shutdown collects every object the libraries made at import (1.6-2.0 s

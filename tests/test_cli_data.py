@@ -26,13 +26,14 @@ def write_params(tmp_path: Path, sources: str, patches: str = "") -> Path:
 
 
 def run_ingest(params: Path, out: Path) -> int:
-    return main(["ingest", "--params", str(params), "--out", str(out / "images.parquet"),
-                 "--manifest", str(out / "manifest.json")])
+    return main(["ingest", "--params", str(params), "--images", str(out / "images.parquet"),
+                 "--images-manifest", str(out / "manifest.json")])
 
 
 def run_patches(params: Path, out: Path) -> int:
-    return main(["patches", "--params", str(params), "--dataset", str(out / "images.parquet"),
-                 "--out", str(out / "patches.arrow"), "--transform", str(out / "t.safetensors")])
+    return main(["patches", "--params", str(params), "--images", str(out / "images.parquet"),
+                 "--patches", str(out / "patches.arrow"), "--transform",
+                 str(out / "t.safetensors")])
 
 
 def png(path: Path, mode: str = "L", size: int = 16, seed: int = 0) -> None:
@@ -139,7 +140,7 @@ def test_exit_status_of_the_real_command(tmp_path):
     params = write_params(tmp_path, "    - {type: numpy, path: missing.npy}\n")
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "ingest", "--params", str(params),
-         "--out", str(tmp_path / "o.parquet"), "--manifest", str(tmp_path / "m.json")],
+         "--images", str(tmp_path / "o.parquet"), "--images-manifest", str(tmp_path / "m.json")],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 2
@@ -176,7 +177,7 @@ def test_exercise_trains_on_a_patch_store(tmp_path, capsys):
     params = write_params(tmp_path, "    - {type: image_folder, path: photos, labels: null}\n")
     out = tmp_path / "out"
     assert run_ingest(params, out) == 0 and run_patches(params, out) == 0
-    rc = main(["exercise", "--store", str(out / "patches.arrow"), "--iterations", "3",
+    rc = main(["exercise", "--patches", str(out / "patches.arrow"), "--iterations", "3",
                "--out", str(tmp_path / "ex")])
     assert rc == 0
     assert "trained 16-25-16 for 3 L-BFGS iterations" in capsys.readouterr().out

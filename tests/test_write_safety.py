@@ -159,9 +159,9 @@ def _read_only(path: Path, argv: list[str]) -> list[str]:
 
 
 COMMANDS = [
-    ("ingest", ["ingest", "--out", "data/x.parquet", "--manifest", "data/x.parquet"],
+    ("ingest", ["ingest", "--images", "data/x.parquet", "--images-manifest", "data/x.parquet"],
      "output images_manifest is the same file as output images"),
-    ("patches", ["patches", "--dataset", PATHS["images"], "--out", PATHS["images"],
+    ("patches", ["patches", "--images", PATHS["images"], "--patches", PATHS["images"],
                  "--transform", "t.safetensors"], "output patches is the same file as input"),
     ("stage ingest", ["stage", "ingest", "--images", "user/notes.txt", "--images-manifest",
                       "m.json"], "exists and is not a saeflow dataset"),
@@ -253,7 +253,7 @@ def test_disk_full_names_the_output_and_leaves_nothing(project, prefect_server, 
 
     shutil.copy(project / "params.yaml", tmp_path / "params.yaml")
     env = clean_env(SAEFLOW_TRACKING="0", **prefect_server)
-    done = _cli(tmp_path, env, "ingest", "--out", "out/images.parquet", "--manifest",
+    done = _cli(tmp_path, env, "ingest", "--images", "out/images.parquet", "--images-manifest",
                 "out/images.json", preexec_fn=limit)
     assert done.returncode == 2
     assert done.stderr.strip() == ("saeflow: error: out/images.parquet: cannot write (File too "
