@@ -15,7 +15,8 @@ def patches(images: str, patches: str, transform: str,
     from sae_core.io import sha256_file
     from sae_core.outputs import check_paths
     from sae_core.patch_store import PATCH_STORE, write_patch_store
-    from sae_core.patches import TRANSFORM, PatchConfig, make_patches
+    from sae_core.patches import PatchConfig, make_patches
+    from sae_core.transform import TRANSFORM
 
     with compute_timer("patches") as timer:
         _, cfg = read_section(params_file, "patches")

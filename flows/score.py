@@ -30,9 +30,10 @@ def score(model: str, labeled: str, transform: str, patches: str, score_metrics:
     from sae_core.io import write_json
     from sae_core.outputs import check_paths
     from sae_core.patch_store import read_patch_store
-    from sae_core.patches import PatchConfig, PatchTransform
+    from sae_core.patches import PatchConfig
     from sae_core.score import SCORE_METRICS, ScoreConfig
     from sae_core.score import score as run_score
+    from sae_core.transform import PatchTransform
 
     c = tracking.client() if tracking_enabled() else None  # fail fast on a bad store
     params, cfg = read_section(params_file, "score")

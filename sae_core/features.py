@@ -13,7 +13,7 @@ over a grid of regions (Coates et al. sum-pool the four quadrants)::
 
     nh = (H - p) // stride + 1,   nw = (W - p) // stride + 1,   R = gh * gw
 
-Preprocessing (:class:`sae_core.patches.PatchTransform`, without its float64 round trip):
+Preprocessing (:class:`sae_core.transform.PatchTransform`, without its float64 round trip):
 
 1. per patch: 'ufldl' y = x - mean(x);  'contrast' y = (x - mean(x)) / sqrt(var(x) + eps);
    'minmax' / 'none': y = x;
@@ -49,7 +49,7 @@ from sae_core.config import is_int, is_real
 if TYPE_CHECKING:
     import torch
 
-    from sae_core.patches import PatchTransform
+    from sae_core.transform import PatchTransform
 
 POOL_OPS = ("sum", "mean", "max")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")

@@ -449,7 +449,7 @@ def score(
     labels : (N,) integer class ids; -1 = unlabeled (never classified; feature learning
         only in the self-taught protocol).
     config : :class:`ScoreConfig` (default settings if None).
-    transform : the fitted :class:`sae_core.patches.PatchTransform` of the estimator's
+    transform : the fitted :class:`sae_core.transform.PatchTransform` of the estimator's
         training patches. None: fitted here on patches of the feature-learning images with
         ``patch_config``'s normalisation (as :func:`sae_core.patches.make_patches` does).
     patch_config : the :class:`sae_core.patches.PatchConfig` of the SAE's patches (default
@@ -462,7 +462,8 @@ def score(
     from sklearn.metrics import accuracy_score, f1_score
 
     from sae_core.features import conv_features, upscale_images
-    from sae_core.patches import PatchConfig, PatchTransform, make_patches
+    from sae_core.patches import PatchConfig, make_patches
+    from sae_core.transform import PatchTransform
 
     cfg = ScoreConfig() if config is None else config
     if not isinstance(cfg, ScoreConfig):

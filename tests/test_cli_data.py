@@ -14,7 +14,7 @@ from PIL import Image
 
 from flows.cli import main
 from sae_core.patch_store import read_patch_store
-from sae_core.patches import PatchTransform
+from sae_core.transform import PatchTransform
 
 
 def write_params(tmp_path: Path, sources: str, patches: str = "") -> Path:

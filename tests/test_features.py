@@ -21,7 +21,8 @@ from sae_core.features import (
     upscale_images,
     whiten_1f_stack,
 )
-from sae_core.patches import PatchTransform, extract_dense, whiten_1f
+from sae_core.patches import extract_dense, whiten_1f
+from sae_core.transform import PatchTransform
 
 
 def conv_features_loop(

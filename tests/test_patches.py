@@ -178,17 +178,19 @@ import tracemalloc  # noqa: E402
 
 from sae_core.io import FileFormatError  # noqa: E402
 from sae_core.patches import (  # noqa: E402
-    CONTRAST_EPS_DEFAULT,
     PatchConfig,
-    PatchTransform,
     check_images,
     extract_dense,
-    fit_zca,
     make_patches,
-    normalize_contrast,
     sample_random_patches,
     split_heldout,
     whiten_images,
+)
+from sae_core.transform import (  # noqa: E402
+    CONTRAST_EPS_DEFAULT,
+    PatchTransform,
+    fit_zca,
+    normalize_contrast,
 )
 
 
@@ -415,7 +417,7 @@ def test_patch_transform_save_load_round_trip(tmp_path, normalisation, zca):
 
 def test_patch_transform_load_errors(tmp_path):
     from sae_core.io import save_tensors
-    from sae_core.patches import TRANSFORM
+    from sae_core.transform import TRANSFORM
 
     bad = tmp_path / "bad.safetensors"
     save_tensors(bad, {}, {"format": "something else"}, TRANSFORM)
