@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
 
 from sae_core.config import is_int, is_real
 
@@ -425,3 +426,61 @@ def conv_features(
         return feats
     flops = 2.0 * n * nh * nw * enc.n_features * enc.n_components
     return feats, FeatureStats(n, (nh, nw), flops, seconds)
+
+
+# ============================================================ the scikit-learn transformer
+class ConvFeatures(TransformerMixin, BaseEstimator):
+    """Images (N, H, W[, C]) -> :func:`conv_features` (N, s * gh * gw), as a scikit-learn
+    transformer, so that a classifier on SAE features is one ``Pipeline`` and
+    ``cross_validate`` works on images::
+
+        Pipeline([("features", ConvFeatures(FrozenEstimator(sae), patch_transform, ...)),
+                  *make_classifier(config).steps])
+
+    ``fit`` learns nothing: the SAE and its :class:`~sae_core.transform.PatchTransform` are
+    fitted beforehand, on the feature-learning images. Where the pipeline is cloned (as
+    ``cross_validate`` does), pass the SAE wrapped in ``sklearn.frozen.FrozenEstimator``: a
+    clone of a bare estimator is unfitted. ``transform`` resizes the images by
+    ``image_scale`` (:func:`upscale_images`), then extracts the features with the other
+    settings on ``device`` (the CPU gives the same bytes run to run). ``stats_`` is the
+    :class:`FeatureStats` of the last call, ``seconds_`` the time of every call so far.
+    """
+
+    def __init__(self, estimator: Any = None, patch_transform: PatchTransform | None = None,
+                 *, image_scale: float = 1.0, interpolation: str = "bilinear", stride: int = 1,
+                 pool_grid: Any = (2, 2), pool: str = "sum", pad: int = 0,
+                 whitening: str = "none", device: Any = "cpu") -> None:
+        self.estimator = estimator
+        self.patch_transform = patch_transform
+        self.image_scale = image_scale
+        self.interpolation = interpolation
+        self.stride = stride
+        self.pool_grid = pool_grid
+        self.pool = pool
+        self.pad = pad
+        self.whitening = whitening
+        self.device = device
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False  # nothing is learned by fit
+        return tags
+
+    def fit(self, X: Any, y: Any = None) -> ConvFeatures:
+        """Check that the SAE is fitted and ``X`` a stack of images; nothing is learned."""
+        as_image_stack(X)
+        if getattr(self.estimator, "components_", None) is None:
+            raise ValueError("ConvFeatures needs a fitted SAE (no components_): fit it on the "
+                             "feature-learning images first")
+        self.seconds_ = 0.0
+        return self
+
+    def transform(self, X: Any) -> np.ndarray:
+        big = upscale_images(X, self.image_scale, self.interpolation)
+        feats, stats = conv_features(
+            self.estimator, big, transform=self.patch_transform, stride=self.stride,
+            pool_grid=self.pool_grid, pool=self.pool, pad=self.pad, whitening=self.whitening,
+            device=self.device, return_stats=True)
+        self.stats_ = stats
+        self.seconds_ = getattr(self, "seconds_", 0.0) + stats.seconds
+        return feats

@@ -335,6 +335,7 @@ class ScoreResult:
     n_raw_features: int
     feature_seconds: float
     fit_seconds: float
+    """Fitting the feature pipeline: the training rows' features and the classifier."""
     raw_fit_seconds: float
     sae_fit_seconds: float
     protocol: str
@@ -351,7 +352,7 @@ class ScoreResult:
     transform: Any = None
     """The PatchTransform applied to every patch."""
     classifier: Any = None
-    """The fitted scikit-learn pipeline on SAE features."""
+    """The fitted pipeline: images -> ConvFeatures -> [StandardScaler] -> classifier."""
     raw_classifier: Any = None
     """The fitted scikit-learn pipeline on raw pixels."""
     cv: dict[str, float] = field(default_factory=dict)
@@ -401,9 +402,9 @@ def make_classifier(config: ScoreConfig, *, raw: bool = False) -> Any:
     return make_pipeline(*steps, model)
 
 
-def _fit_predict(
-    model: Any, F: np.ndarray, y: np.ndarray, split: Split
-) -> tuple[np.ndarray, float]:
+def _fit_predict(model: Any, x: np.ndarray, y: np.ndarray,
+                 split: Split) -> tuple[np.ndarray, float]:
+    """Fit on the training rows, predict the test rows: (predictions, fit seconds)."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -411,21 +412,62 @@ def _fit_predict(
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(F[split.train], y[split.train])
+        model.fit(x[split.train], y[split.train])
     seconds = time.perf_counter() - start
-    return model.predict(F[split.test]), seconds
+    return model.predict(x[split.test]), seconds
 
 
-def _cross_validate(config: ScoreConfig, F: np.ndarray, y: np.ndarray, raw: bool) -> np.ndarray:
+def _cross_validate(config: ScoreConfig, model: Any, x: np.ndarray, y: np.ndarray) -> dict:
+    """``config.cv``-fold accuracy of ``model`` (a pipeline, cloned per fold) on (x, y):
+    {"cv_accuracy_mean", "cv_accuracy_std"}."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedKFold, cross_validate
 
     folds = StratifiedKFold(config.cv, shuffle=True, random_state=config.random_state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return cross_val_score(make_classifier(config, raw=raw), F, y, cv=folds)
+        scores = cross_validate(model, x, y, cv=folds, scoring="accuracy")["test_score"]
+    return {"cv_accuracy_mean": float(scores.mean()), "cv_accuracy_std": float(scores.std())}
+
+
+def _learn_features(estimator: Any, transform: Any, x: np.ndarray, split: Split,
+                    cfg: ScoreConfig, pcfg: Any) -> tuple[Any, Any, float]:
+    """The SAE and its patch transform: as given when both are fitted; else fitted here on
+    patches (``pcfg``) of the feature-learning images, resized as the features will be.
+    Returns (estimator, transform, seconds spent fitting the SAE)."""
+    from sae_core.features import upscale_images
+    from sae_core.patches import make_patches
+    from sae_core.transform import PatchTransform
+
+    fitted = getattr(estimator, "components_", None) is not None
+    if not fitted and transform is not None:
+        raise ValueError("transform was given for an unfitted estimator: pass a fitted "
+                         "estimator with it, or neither (both are then fitted here)")
+    p = pcfg.patch_size
+    channels = 1 if x.ndim == 3 else x.shape[3]
+    if fitted and np.shape(estimator.components_)[1] != p * p * channels:
+        raise ValueError(
+            f"estimator has {np.shape(estimator.components_)[1]} inputs; "
+            f"patch_config.patch_size={p} with {channels} channel(s) needs {p * p * channels}"
+        )
+    h, w = (max(1, round(n * cfg.image_scale)) for n in x.shape[1:3])
+    if min(h, w) + 2 * cfg.pad < p:
+        raise ValueError(f"images resized by image_scale={cfg.image_scale} are {h}x{w}, "
+                         f"smaller than the {p}x{p} patch")
+    seconds = 0.0
+    if not fitted or transform is None:
+        images = list(upscale_images(x[split.feature_learning], cfg.image_scale,
+                                     cfg.interpolation))
+        start = time.perf_counter()
+        train_patches, _, transform = make_patches(images, pcfg)
+        if not fitted:
+            estimator.fit(train_patches)
+            seconds = time.perf_counter() - start
+    if not isinstance(transform, PatchTransform):
+        raise ValueError(f"transform must be a PatchTransform; got {type(transform).__name__}")
+    return estimator, transform, seconds
 
 
 # ============================================================================= score
@@ -459,11 +501,12 @@ def score(
 
     Returns a :class:`ScoreResult`; both classifiers use the same train and test rows.
     """
+    from sklearn.frozen import FrozenEstimator
     from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.pipeline import Pipeline
 
-    from sae_core.features import conv_features, upscale_images
-    from sae_core.patches import PatchConfig, make_patches
-    from sae_core.transform import PatchTransform
+    from sae_core.features import ConvFeatures
+    from sae_core.patches import PatchConfig
 
     cfg = ScoreConfig() if config is None else config
     if not isinstance(cfg, ScoreConfig):
@@ -478,65 +521,28 @@ def score(
     x = scale_images(x, cfg.scaling)
     split = make_split(y, cfg)
 
-    # raw pixels
+    # raw pixels: the classifier on the flattened images
     raw = x.reshape(x.shape[0], -1)
     raw_model = make_classifier(cfg, raw=True)
     raw_pred, raw_seconds = _fit_predict(raw_model, raw, y, split)
 
-    # SAE features on the classified rows; the feature-learning rows only when fitting
-    start = time.perf_counter()
-    fitted = getattr(estimator, "components_", None) is not None
-    if not fitted and transform is not None:
-        raise ValueError("transform was given for an unfitted estimator: pass a fitted "
-                         "estimator with it, or neither (both are then fitted here)")
-    p = pcfg.patch_size
-    channels = 1 if x.ndim == 3 else x.shape[3]
-    if fitted and np.shape(estimator.components_)[1] != p * p * channels:
-        raise ValueError(
-            f"estimator has {np.shape(estimator.components_)[1]} inputs; "
-            f"patch_config.patch_size={p} with {channels} channel(s) needs {p * p * channels}"
-        )
-    classified = np.union1d(split.train, split.test)
-    need_fl = not fitted or transform is None
-    rows = np.union1d(classified, split.feature_learning) if need_fl else classified
-    big = upscale_images(x[rows], cfg.image_scale, cfg.interpolation)
-    if min(big.shape[1:3]) + 2 * cfg.pad < p:
-        raise ValueError(
-            f"images resized by image_scale={cfg.image_scale} are {big.shape[1]}x"
-            f"{big.shape[2]}, smaller than the {p}x{p} patch"
-        )
-    sae_seconds = 0.0
-    if need_fl:
-        fl_images = list(big[np.searchsorted(rows, split.feature_learning)])
-        t0 = time.perf_counter()
-        train_patches, _, transform = make_patches(fl_images, pcfg)
-        if not fitted:
-            estimator.fit(train_patches)
-            sae_seconds = time.perf_counter() - t0
-        del train_patches, fl_images
-    if not isinstance(transform, PatchTransform):
-        raise ValueError(f"transform must be a PatchTransform; got {type(transform).__name__}")
-    whitening = pcfg.whitening if cfg.whitening == "auto" else cfg.whitening
-    feats_rows, stats = conv_features(
-        estimator, big[np.searchsorted(rows, classified)], transform=transform,
-        stride=cfg.stride, pool_grid=cfg.pool_grid, pool=cfg.pool, pad=cfg.pad,
-        whitening=whitening, device=device, return_stats=True,
-    )
-    del big
-    feats = np.zeros((x.shape[0], feats_rows.shape[1]), dtype=feats_rows.dtype)
-    feats[classified] = feats_rows
-    feature_seconds = time.perf_counter() - start - sae_seconds
-
-    model = make_classifier(cfg)
-    pred, fit_seconds = _fit_predict(model, feats, y, split)
+    # SAE features: one pipeline, images -> features -> classifier
+    estimator, transform, sae_seconds = _learn_features(estimator, transform, x, split, cfg,
+                                                        pcfg)
+    features = ConvFeatures(
+        FrozenEstimator(estimator), transform, image_scale=cfg.image_scale,
+        interpolation=cfg.interpolation, stride=cfg.stride, pool_grid=cfg.pool_grid,
+        pool=cfg.pool, pad=cfg.pad, device=device,
+        whitening=pcfg.whitening if cfg.whitening == "auto" else cfg.whitening)
+    model = Pipeline([("features", features), *make_classifier(cfg).steps])
+    pred, fit_seconds = _fit_predict(model, x, y, split)  # fit: with the training features
 
     y_test = y[split.test]
     cv: dict[str, float] = {}
     if cfg.cv:
-        for name, F, is_raw in (("", feats, False), ("raw_", raw, True)):
-            scores = _cross_validate(cfg, F[split.train], y[split.train], is_raw)
-            cv[f"{name}cv_accuracy_mean"] = float(scores.mean())
-            cv[f"{name}cv_accuracy_std"] = float(scores.std())
+        cv.update(_cross_validate(cfg, model, x[split.train], y[split.train]))
+        cv.update({f"raw_{k}": v for k, v in _cross_validate(
+            cfg, make_classifier(cfg, raw=True), raw[split.train], y[split.train]).items()})
     return ScoreResult(
         accuracy=float(accuracy_score(y_test, pred)),
         macro_f1=float(f1_score(y_test, pred, average="macro")),
@@ -544,17 +550,17 @@ def score(
         raw_macro_f1=float(f1_score(y_test, raw_pred, average="macro")),
         n_train=int(split.train.size),
         n_test=int(split.test.size),
-        n_features=int(feats.shape[1]),
+        n_features=int(model[1].n_features_in_),  # what the step after the features saw
         n_raw_features=int(raw.shape[1]),
-        feature_seconds=feature_seconds,
+        feature_seconds=features.seconds_,
         fit_seconds=fit_seconds,
         raw_fit_seconds=raw_seconds,
         sae_fit_seconds=sae_seconds,
         protocol=cfg.protocol,
         classes=split.classes,
         n_feature_learning=int(split.feature_learning.size),
-        feature_grid=stats.grid,
-        feature_flops_per_second=stats.flops_per_second,
+        feature_grid=features.stats_.grid,
+        feature_flops_per_second=features.stats_.flops_per_second,
         split=split,
         y_test=y_test,
         y_pred=np.asarray(pred),

@@ -248,3 +248,32 @@ def test_flop_count():
     assert stats.grid == (4, 4)
     assert stats.flops == 2 * 3 * 16 * 9 * 5
     assert stats.flops_per_second > 0
+
+
+def test_conv_features_transformer_is_a_pipeline_step_that_cross_validates():
+    """ConvFeatures is conv_features as a scikit-learn transformer: the same numbers on
+    resized images, and a Pipeline of it cross-validates on images (each fold a clone;
+    the frozen SAE stays fitted)."""
+    from sklearn.base import clone
+    from sklearn.frozen import FrozenEstimator
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_validate
+    from sklearn.pipeline import Pipeline
+
+    from sae_core.features import ConvFeatures
+
+    imgs = images(n=24, h=6, w=6, seed=3)
+    labels = np.arange(24) % 2
+    sae, transform = fitted(list(imgs), 3, "kl", "ufldl")
+    step = ConvFeatures(FrozenEstimator(sae), transform, image_scale=1.5, pool_grid=(2, 2))
+    got = step.fit_transform(imgs)
+    want = conv_features(sae, upscale_images(imgs, 1.5), transform=transform,
+                         pool_grid=(2, 2))
+    np.testing.assert_array_equal(got, want)
+    assert step.stats_.grid == (7, 7) and step.seconds_ > 0
+    assert clone(step).get_params()["image_scale"] == 1.5
+    pipe = Pipeline([("features", step), ("classify", LogisticRegression(max_iter=200))])
+    scores = cross_validate(pipe, imgs, labels, cv=3)["test_score"]
+    assert scores.shape == (3,) and ((0 <= scores) & (scores <= 1)).all()
+    with pytest.raises(ValueError, match="needs a fitted SAE"):
+        ConvFeatures(SparseAutoencoder(n_components=3), transform).fit(imgs)
