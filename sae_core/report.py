@@ -9,7 +9,8 @@ and pictures) into one HTML page:
   shares; then each picture of the runs side by side, one row per caption.
 
 Pictures are PNG files or bytes embedded as base64 ``data:`` URIs, so the page needs no
-other file. Every string from the input is HTML-escaped. The output is a function of the
+other file. The page is a Jinja2 template with autoescaping: every string from the input
+is HTML-escaped. The output is a function of the
 input alone (no timestamps, no versions; settings and metrics in the order given, the
 first run's order first), so the same runs give the same bytes. This module imports
 neither prefect, mlflow nor dvc: the flows collect the runs and call it.
@@ -18,7 +19,6 @@ neither prefect, mlflow nor dvc: the flows collect the runs and call it.
 from __future__ import annotations
 
 import base64
-import html
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -94,10 +94,6 @@ class RunSummary:
 
 
 # ----------------------------------------------------------------------------- formatting
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested mappings to one level, keys joined by dots: {"a": {"b": 1}} -> {"a.b": 1}."""
     out: dict[str, Any] = {}
@@ -186,43 +182,19 @@ def _png(run: RunSummary, caption: str) -> bytes:
     return data
 
 
-def _img(data: bytes, alt: str) -> str:
-    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-    return f'<img alt="{_esc(alt)}" src="{uri}">'
+_TEMPLATE = "templates/report.html.j2"
+"""The page (a Jinja2 template, every value autoescaped), filled by :func:`render_report`."""
 
 
-def _key_value_table(rows: Sequence[tuple[str, str]], css_class: str, numeric: bool) -> str:
-    if not rows:
-        return '<p class="empty">(none)</p>'
-    td = '<td class="num">' if numeric else "<td>"
-    body = "".join(f"<tr><th>{_esc(k)}</th>{td}{_esc(v)}</td></tr>" for k, v in rows)
-    return f'<table class="{css_class}"><tbody>{body}</tbody></table>'
+def _uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _title_line(run: RunSummary) -> str:
-    rid = f' <span class="run-id">({_esc(run.run_id)})</span>' if run.run_id else ""
-    return f"{_esc(run.name)}{rid}"
-
-
-# ----------------------------------------------------------------------------- sections
-def _single(run: RunSummary) -> list[str]:
-    params = flatten(run.params)
-    parts = [f"<h2>{_title_line(run)}</h2>", "<h3>Settings</h3>"]
-    parts.append(
-        _key_value_table([(k, format_value(v)) for k, v in params.items()], "settings", False)
-    )
-    parts.append("<h3>Metrics</h3>")
-    parts.append(
-        _key_value_table([(k, format_metric(v)) for k, v in run.metrics.items()], "metrics", True)
-    )
-    if run.pictures:
-        parts.append("<h3>Pictures</h3>")
-        figures = "".join(
-            f"<figure>{_img(_png(run, c), c)}<figcaption>{_esc(c)}</figcaption></figure>"
-            for c in run.pictures
-        )
-        parts.append(f'<div class="pictures">{figures}</div>')
-    return parts
+def _single(run: RunSummary) -> dict[str, Any]:
+    return {"name": run.name, "run_id": run.run_id,
+            "settings": [(k, format_value(v)) for k, v in flatten(run.params).items()],
+            "metrics": [(k, format_metric(v)) for k, v in run.metrics.items()],
+            "pictures": [(c, _uri(_png(run, c)), c) for c in run.pictures]}
 
 
 def differing_settings(runs: Sequence[RunSummary]) -> list[str]:
@@ -233,59 +205,23 @@ def differing_settings(runs: Sequence[RunSummary]) -> list[str]:
     return [k for k in keys if len({format_value(f[k]) if k in f else None for f in flat}) > 1]
 
 
-def _comparison(runs: Sequence[RunSummary]) -> list[str]:
+def _comparison(runs: Sequence[RunSummary]) -> dict[str, Any]:
     flat = [flatten(r.params) for r in runs]
     differ = differing_settings(runs)
     metrics = _union(r.metrics.keys() for r in runs)
-    with_ids = any(r.run_id for r in runs)
-
-    group = ['<th rowspan="2">run</th>']
-    if with_ids:
-        group.append('<th rowspan="2">run id</th>')
-    if differ:
-        group.append(f'<th colspan="{len(differ)}" class="differs">settings that differ</th>')
-    if metrics:
-        group.append(f'<th colspan="{len(metrics)}">metrics</th>')
-    names = [f'<th class="differs">{_esc(k)}</th>' for k in differ]
-    names += [f"<th>{_esc(k)}</th>" for k in metrics]
-    head = f"<thead><tr>{''.join(group)}</tr><tr>{''.join(names)}</tr></thead>"
-
-    rows = []
-    for run, params in zip(runs, flat, strict=True):
-        cells = [f'<th scope="row">{_esc(run.name)}</th>']
-        if with_ids:
-            cells.append(f"<td>{_esc(run.run_id or MISSING)}</td>")
-        for k in differ:
-            text = format_value(params[k]) if k in params else MISSING
-            cells.append(f'<td class="differs">{_esc(text)}</td>')
-        for k in metrics:
-            value = run.metrics.get(k)
-            css = ' class="num"' if _is_number(value) else ""
-            cells.append(f"<td{css}>{_esc(format_metric(value))}</td>")
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    parts = [
-        "<h2>Comparison</h2>",
-        f'<table class="comparison">{head}<tbody>{"".join(rows)}</tbody></table>',
-    ]
-    if not differ:
-        parts.append("<p>All runs share every setting.</p>")
-    shared = [(k, format_value(flat[0][k])) for k in flat[0] if k not in differ]
-    parts += ["<h3>Settings shared by all runs</h3>", _key_value_table(shared, "settings", False)]
-
+    rows = [{"name": run.name, "run_id": run.run_id or MISSING,
+             "settings": [format_value(params[k]) if k in params else MISSING for k in differ],
+             "metrics": [(format_metric(run.metrics.get(k)), _is_number(run.metrics.get(k)))
+                         for k in metrics]}
+            for run, params in zip(runs, flat, strict=True)]
     captions = _union(r.pictures.keys() for r in runs)
-    if captions:
-        parts.append("<h2>Pictures</h2>")
-    for caption in captions:
-        figures = []
-        for run in runs:
-            if caption in run.pictures:
-                body = _img(_png(run, caption), f"{caption}: {run.name}")
-            else:
-                body = '<p class="empty">(no picture)</p>'
-            figures.append(f"<figure>{body}<figcaption>{_esc(run.name)}</figcaption></figure>")
-        parts.append(f"<h3>{_esc(caption)}</h3>")
-        parts.append(f'<div class="pictures">{"".join(figures)}</div>')
-    return parts
+    pictures = [(caption, [(f"{caption}: {run.name}",
+                            _uri(_png(run, caption)) if caption in run.pictures else None,
+                            run.name) for run in runs]) for caption in captions]
+    return {"differ": differ, "metrics": metrics, "rows": rows,
+            "with_ids": any(r.run_id for r in runs),
+            "shared": [(k, format_value(flat[0][k])) for k in flat[0] if k not in differ],
+            "picture_rows": pictures}
 
 
 # ----------------------------------------------------------------------------- public
@@ -311,28 +247,18 @@ def render_report(runs: Sequence[RunSummary], title: str = "saeflow report",
         if run.name in seen:
             raise ValueError(f"run names must be unique; {run.name!r} appears more than once")
         seen.add(run.name)
-    body = _single(runs[0]) if len(runs) == 1 else _comparison(runs)
-    if overview:
-        holder = RunSummary(name="overview", pictures=dict(overview))
-        figures = [f"<figure>{_img(_png(holder, c), c)}<figcaption>{_esc(c)}</figcaption>"
-                   "</figure>" for c in overview]
-        body = ["<h2>Overview</h2>", f'<div class="pictures">{"".join(figures)}</div>', *body]
-    lines = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        HTML_GENERATOR,
-        f"<title>{_esc(title)}</title>",
-        f"<style>\n{_CSS}\n</style>",
-        "</head>",
-        "<body>",
-        f"<h1>{_esc(title)}</h1>",
-        *body,
-        "</body>",
-        "</html>",
-    ]
-    return "\n".join(lines) + "\n"
+    import jinja2
+    from markupsafe import Markup
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("sae_core", "templates"),
+                             autoescape=True, keep_trailing_newline=True)
+    page = env.get_template(Path(_TEMPLATE).name)
+    holder = RunSummary(name="overview", pictures=dict(overview or {}))
+    return page.render(
+        title=title, generator=Markup(HTML_GENERATOR), css=Markup(_CSS),
+        overview=[(c, _uri(_png(holder, c)), c) for c in holder.pictures],
+        single=_single(runs[0]) if len(runs) == 1 else None,
+        **({} if len(runs) == 1 else _comparison(runs)))
 
 
 def write_report(
