@@ -233,14 +233,7 @@ class ConvEncoder:
         W1, b2 = W1[:, perm], b2[perm]
 
         norm = "none" if transform is None else transform.normalisation
-        alpha, beta, clip = 1.0, 0.0, None
-        if norm == "ufldl":
-            c = float(transform.clip)
-            alpha, beta, clip = (0.0, 0.5, None) if c == 0 else (0.4 / c, 0.5, (-c, c))
-        elif norm == "minmax":
-            lo, hi = float(transform.minimum), float(transform.maximum)
-            span = hi - lo
-            alpha, beta, clip = (0.0, 0.0, None) if span <= 0 else (1 / span, -lo / span, (lo, hi))
+        clip, alpha, beta = (None, 1.0, 0.0) if transform is None else transform.range_map()
         # pre = W1 (alpha clip(y) + beta - [b2]) + b1
         shift = beta - (b2 if penalty != "kl" else 0.0)
         b = b1 + W1 @ (np.zeros(d) + shift)

@@ -246,6 +246,21 @@ class PatchTransform:
             out[a:b] = self._apply64(x[a:b].astype(np.float64))
         return out
 
+    def range_map(self) -> tuple[tuple[float, float] | None, float, float]:
+        """Stage 3 as numbers, ``(clip, alpha, beta)``: y -> alpha * clip(y) + beta, where
+        ``clip`` is (lo, hi) or None. 'ufldl': ((-c, c), 0.4 / c, 0.5), a constant 0.5 when
+        c is 0; 'minmax': ((min, max), 1 / span, -min / span), a constant 0 when the span
+        is 0; otherwise (None, 1, 0). :class:`sae_core.features.ConvEncoder` folds this map
+        into the encoder; :meth:`apply` computes the same in float64, step by step."""
+        if self.normalisation == "ufldl":
+            c = float(self.clip)
+            return (None, 0.0, 0.5) if c == 0 else ((-c, c), 0.4 / c, 0.5)
+        if self.normalisation == "minmax":
+            lo, hi = float(self.minimum), float(self.maximum)
+            span = hi - lo
+            return (None, 0.0, 0.0) if span <= 0 else ((lo, hi), 1 / span, -lo / span)
+        return None, 1.0, 0.0
+
     def _apply64(self, y: np.ndarray) -> np.ndarray:
         y = _per_patch(y, self.normalisation, self.contrast_eps)
         if self.zca is not None:

@@ -512,3 +512,19 @@ def test_make_patches_dense_colour_zca_contrast(colour_images):
     assert t.zca is not None and np.isfinite(train).all()
     raw = np.concatenate([extract_dense(img, 5, 2) for img in colour_images])
     np.testing.assert_array_equal(train, t.apply(raw))
+
+
+@pytest.mark.parametrize("normalisation", ["ufldl", "minmax", "none", "contrast"])
+def test_range_map_is_the_third_stage_of_apply(normalisation):
+    """The numbers ConvEncoder folds into the encoder give what apply() computes."""
+    rng = np.random.default_rng(4)
+    train, other = rng.normal(size=(200, 9)), rng.normal(scale=2.0, size=(50, 9))
+    t = PatchTransform.fit(train, normalisation)
+    clip, alpha, beta = t.range_map()
+    y = other - other.mean(axis=1, keepdims=True) if normalisation in ("ufldl", "contrast") \
+        else other.copy()
+    if normalisation == "contrast":
+        y /= np.sqrt((y * y).mean(axis=1, keepdims=True) + t.contrast_eps)
+    if clip is not None:
+        y = np.clip(y, *clip)
+    np.testing.assert_allclose(alpha * y + beta, t.apply(other, dtype=np.float64), atol=1e-12)
