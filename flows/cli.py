@@ -259,15 +259,14 @@ def _add_stage_paths(p: argparse.ArgumentParser, stage) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from importlib.metadata import version
-
+    import sae_core
     from flows.stages import BY_NAME, STAGES
 
     parser = argparse.ArgumentParser(
         prog="saeflow",
         description="Sparse-autoencoder feature-learning experiments.",
     )
-    parser.add_argument("--version", action="version", version=f"saeflow {version('saeflow')}")
+    parser.add_argument("--version", action="version", version=f"saeflow {sae_core.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     # the options several commands share, declared once
     params = argparse.ArgumentParser(add_help=False)
