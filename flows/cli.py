@@ -363,30 +363,26 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"saeflow: error: {error_line(exc)}", file=sys.stderr)
-        return 2 if _expected(exc) else 1
+        line, expected = describe_error(exc)
+        print(f"saeflow: error: {line}", file=sys.stderr)
+        return 2 if expected else 1
 
 
-def _expected(exc: BaseException) -> bool:
-    """An error about the user's input, files or services (exit 2), not a bug (exit 1)."""
-    from flows.tracking import store_error
-
-    return isinstance(exc, (ValueError, OSError, FloatingPointError, servers.ServiceError)) \
-        or store_error(exc) is not None
-
-
-def error_line(exc: BaseException) -> str:
-    """The one line a user sees: the message (naming the file or setting at fault); for
-    MLflow and its database, the store and the cause; for anything unexpected, its type."""
+def describe_error(exc: BaseException) -> tuple[str, bool]:
+    """(the one line a user sees, whether the error is about the user's input, files or
+    services (exit 2) rather than a bug (exit 1)). The line is the message, naming the file
+    or setting at fault; for MLflow and its database, the store and the cause; for
+    anything unexpected, its type."""
     from flows.tracking import store_error
 
     line = store_error(exc)
     if line is not None:
-        return line + " (run with --debug for the traceback)"
+        return line + " (run with --debug for the traceback)", True
     detail = " ".join(str(exc).split())
-    if _expected(exc):
-        return detail
-    return f"unexpected {type(exc).__name__}: {detail} (run with --debug for the traceback)"
+    if isinstance(exc, (ValueError, OSError, FloatingPointError, servers.ServiceError)):
+        return detail, True
+    return (f"unexpected {type(exc).__name__}: {detail} (run with --debug for the "
+            "traceback)"), False
 
 
 def entry() -> None:

@@ -66,7 +66,7 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
             write_json(sparsity_metrics, metrics, SPARSITY_METRICS)
             write_per_unit(units, stats)
             shape = tuple(store.patch_shape)
-            rho = stats.rho if stats.rho is not None else None
+            rho = stats.rho
             title = f"{sae.n_components} filters ({_setting(sae)})"
             plots.save_figure(plots.filter_grid_figure(sae.components_, shape, title=title),
                               filters_png)

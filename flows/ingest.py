@@ -26,8 +26,8 @@ def ingest(images: str, images_manifest: str, labeled: str | None = None,
         _, cfg = read_section(params_file, "ingest", KEYS)
         root = Path(params_file).resolve().parent
         sources = {**local_paths(cfg.get("sources") or [], root),
-                   **{k.replace("sources", "labeled_sources"): v for k, v in
-                      local_paths(cfg.get("labeled_sources") or [], root).items()}}
+                   **local_paths(cfg.get("labeled_sources") or [], root,
+                                 "ingest.labeled_sources")}
         check_paths(inputs={"params": params_file, **sources},
                     outputs={"images": (images, DATASET), "images_manifest": (images_manifest,
                                                                               MANIFEST),

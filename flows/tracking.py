@@ -194,6 +194,8 @@ def _check_artifacts_writable(c, exp_id: str) -> None:
     """A local artifact folder must be writable before a stage starts its work."""
     from urllib.parse import urlparse
 
+    if c.tracking_uri.startswith(("http://", "https://")):
+        return  # a tracking server stores (and serves) the artifacts: no local folder
     location = c.get_experiment(exp_id).artifact_location or ""
     parsed = urlparse(location)
     if parsed.scheme not in ("", "file"):

@@ -80,7 +80,8 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
                          "loss_csv": (loss_csv, LOSS_CSV)})
     store = read_patch_store(patches)
     # the git state is read before any output exists (outputs make the tree look modified)
-    run_id = _open_run(c, params, store, patches, params_file) if c is not None else None
+    run_id, tags = _open_run(c, params, store, patches, params_file) if c is not None \
+        else (None, {})
     with tracking.failed_on_error(c, run_id), compute_timer("train") as timer:
         sae = SparseAutoencoder(**cfg, callbacks=[_Progress(config.max_iter)])
         sae.fit(store.train)
@@ -100,18 +101,19 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
               f"({sae.stop_reason_ or 'max_iter'}) in {timer['seconds']:.2f} s; "
               f"loss {result['loss']:.5f} -> {model}")
         if c is not None:
-            _record(c, run_id, params, store, sae, model, train_metrics, loss_csv, patches,
-                    result, params_file)
+            _record(c, run_id, tags, params, store, sae, model, train_metrics, loss_csv,
+                    patches, result)
     return result
 
 
-def _open_run(c, params, store, patches, params_file) -> str:
+def _open_run(c, params, store, patches, params_file) -> tuple[str, dict[str, str]]:
+    """Open the training run (before any output is written): (run id, its tags)."""
     experiment, _ = tracking_settings(params)
     data = lineage_tags(project_root(), _data_inputs(patches, store, params_file))
     tags = {**tracking.git_tags(), **data, **prefect_tags("train"),
             "saeflow.dataset_sha256": store.source_sha256}
     return tracking.open_run(c, experiment, params=params, tags=tags,
-                             run_name=tracking.run_name(params))
+                             run_name=tracking.run_name(params)), tags
 
 
 def _data_inputs(patches: str, store, params_file: str) -> list[str]:
@@ -131,10 +133,9 @@ def _data_inputs(patches: str, store, params_file: str) -> list[str]:
     return inputs
 
 
-def _record(c, run_id, params, store, sae, model, metrics, loss_csv, patches, result,
-            params_file) -> None:
+def _record(c, run_id, tags, params, store, sae, model, metrics, loss_csv, patches,
+            result) -> None:
     _, registered = tracking_settings(params)
-    tags = c.get_run(run_id).data.tags
     data = {k: v for k, v in tags.items() if k.startswith("dvc.")}
     sha = model_sha256(model)
     tracking.tag_model(c, run_id, sha)

@@ -26,6 +26,7 @@ import numpy as np
 
 from sae_core.dataset import ImageSet
 from sae_core.io import one_line, sha256_file
+from sae_core.limits import TooLargeError, check_declared_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
@@ -81,32 +82,6 @@ def _numeric(array: np.ndarray, where: object) -> np.ndarray:
 # ------------------------------------------------------------------- bounded reading
 IDX_MARGIN = 64 * 1024
 """Bytes read past an IDX payload's declared end, to report a longer payload's size."""
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (Linux MemAvailable; elsewhere the
-    physical memory)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-class TooLargeError(ValueError):
-    """A file whose header declares more data than the memory available."""
-
-
-def check_declared_size(where: object, nbytes: int, what: str = "data") -> None:
-    """Refuse, before allocating, data whose header declares more bytes than the memory
-    available: a small compressed file must not claim gigabytes."""
-    free = available_memory()
-    if nbytes > free:
-        raise TooLargeError(f"{where}: declares {nbytes / 2**30:.1f} GiB of {what}, more than "
-                         f"the {free / 2**30:.1f} GiB of memory available")
 
 
 def _read_into(stream, buf: np.ndarray) -> int:

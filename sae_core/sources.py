@@ -96,10 +96,11 @@ class SourceSpec:
         return cls(**v)
 
 
-def local_paths(sources: list[dict[str, Any]], root: Path | str = ".") -> dict[str, Path]:
+def local_paths(sources: list[dict[str, Any]], root: Path | str = ".",
+                section: str = "ingest.sources") -> dict[str, Path]:
     """The files and folders on disk that ``sources`` read, by a name for messages
-    ("ingest.sources[0]"); downloaded sources are left out (they live in the download
-    folder). A malformed source is a ValueError."""
+    ("ingest.sources[0]", after ``section``); downloaded sources are left out (they live
+    in the download folder). A malformed source is a ValueError."""
     found: dict[str, Path] = {}
     for i, values in enumerate(sources):
         spec = SourceSpec.from_dict(values)
@@ -107,7 +108,7 @@ def local_paths(sources: list[dict[str, Any]], root: Path | str = ".") -> dict[s
             continue
         named = [spec.path, spec.labels_path, *spec.paths]
         for j, rel in enumerate(p for p in named if p):
-            found[f"ingest.sources[{i}]" + (f" path {j + 1}" if j else "")] = Path(root) / rel
+            found[f"{section}[{i}]" + (f" path {j + 1}" if j else "")] = Path(root) / rel
     return found
 
 

@@ -13,7 +13,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from sae_core import readers
+from sae_core import limits, readers
 from sae_core.dataset import ImageSet, write_dataset
 from sae_core.io import sha256_file
 from sae_core.safe_pickle import UnsafePickleError
@@ -405,7 +405,7 @@ def test_an_idx_header_declaring_more_than_memory_is_refused_before_reading(tmp_
     header = (0x803).to_bytes(4, "big") + b"".join(
         d.to_bytes(4, "big") for d in (60000, 65535, 65535))
     (tmp_path / "huge.gz").write_bytes(gzip.compress(header + bytes(100)))
-    with pytest.raises(readers.TooLargeError) as info:
+    with pytest.raises(limits.TooLargeError) as info:
         readers.read_idx(tmp_path / "huge.gz")
     one_line_error(info, "huge.gz", "declares", "GiB of memory available")
 
@@ -420,7 +420,7 @@ def test_an_npz_member_declaring_more_than_memory_is_refused(tmp_path):
         header, {"descr": "|u1", "fortran_order": False, "shape": (10**13,)})
     with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("images.npy", header.getvalue() + bytes(1000))
-    with pytest.raises(readers.TooLargeError) as info:
+    with pytest.raises(limits.TooLargeError) as info:
         readers.read_numpy(tmp_path / "bomb.npz")
     one_line_error(info, "bomb.npz", "array 'images'", "declares 9313.2 GiB")
 
@@ -439,8 +439,8 @@ def test_declared_sizes_are_checked_from_the_headers(tmp_path, monkeypatch, kind
         np.save(tmp_path / "x.npy", array)
         call = lambda: readers.read_numpy(tmp_path / "x.npy")  # noqa: E731
     call()  # fits
-    monkeypatch.setattr(readers, "available_memory", lambda: 1024)
-    with pytest.raises(readers.TooLargeError) as info:
+    monkeypatch.setattr(limits, "available_memory", lambda: 1024)
+    with pytest.raises(limits.TooLargeError) as info:
         call()
     one_line_error(info, f"x.{kind}", "declares", "more than the 0.0 GiB of memory available")
 
