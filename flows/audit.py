@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from flows import tracking
+from flows.champion import DECISION_TAG
 
 SETTING_COLUMNS = ("penalty", "n_components", "rho", "beta", "weight_decay", "l1_coefficient",
                    "k", "solver")
@@ -29,11 +30,34 @@ METRIC_COLUMNS = {
     "accuracy": "score/accuracy",
     "raw_accuracy": "score/raw_accuracy",
 }
-COLUMNS = ("version", *SETTING_COLUMNS, "data_md5", "git_commit", *METRIC_COLUMNS, "run_id",
-           "created")
+COLUMNS = ("version", "aliases", "decision", *SETTING_COLUMNS, "data_md5", "git_commit",
+           *METRIC_COLUMNS, "run_id", "created")
 _OPS = {">=": operator.ge, "<=": operator.le, "!=": operator.ne, "==": operator.eq,
         "=": operator.eq, ">": operator.gt, "<": operator.lt}
 _FILTER = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_./]*)\s*(>=|<=|!=|==|=|>|<)\s*(.*?)\s*$")
+
+
+HISTORY_COLUMNS = ("when", "version", "decision", "replaced", "metric", "value",
+                   "champion_value", "reason")
+
+
+def history_rows(model: str | None = None, params_file: str = "params.yaml",
+                 uri: str | None = None) -> list[dict]:
+    """The champion changes, oldest first (:func:`flows.champion.champion_history`)."""
+    from flows.champion import champion_history
+    from flows.stage_support import tracking_settings_of
+
+    name = model or tracking_settings_of(params_file)[1]
+    return champion_history(tracking.client(uri, create=False), name)
+
+
+def format_history(rows: list[dict], fmt: str) -> str:
+    """The champion changes as a table (one line each, the reason last), JSON or CSV."""
+    if fmt != "table":
+        return format_rows(rows, fmt, HISTORY_COLUMNS)
+    if not rows:
+        return "no champion yet (run `saeflow retrain`)\n"
+    return format_rows(rows, fmt, HISTORY_COLUMNS)
 
 
 def parse_filter(text: str, columns=COLUMNS):
@@ -92,10 +116,12 @@ def audit_rows(model: str | None = None, filters=(), params_file: str = "params.
         raise ValueError(f"--model {name!r}: quotes and backslashes are not allowed")
     try:
         versions = c.search_model_versions(f"name = '{name}'")
+        # search results carry no aliases: the registered model has them all
+        aliases = _aliases(c, name) if versions else {}
     except MlflowException as exc:
         if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
             raise ValueError(f"MLflow: {' '.join(str(exc).split())}") from None
-        versions = []
+        versions, aliases = [], {}
     exp = c.get_experiment_by_name(experiment)
     runs = c.search_runs([exp.experiment_id], max_results=5000,
                          order_by=["attributes.start_time DESC"]) if exp else []
@@ -107,7 +133,9 @@ def audit_rows(model: str | None = None, filters=(), params_file: str = "params.
     rows = []
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
         tags = dict(v.tags or {})
-        row: dict[str, Any] = {"version": int(v.version)}
+        row: dict[str, Any] = {"version": int(v.version),
+                               "aliases": ",".join(aliases.get(str(v.version), [])) or None,
+                               "decision": tags.get(DECISION_TAG)}
         for col in SETTING_COLUMNS:
             row[col] = _typed(tags.get(col))
         # settings that the penalty does not use are shown blank, not as their defaults
@@ -126,6 +154,14 @@ def audit_rows(model: str | None = None, filters=(), params_file: str = "params.
         if all(matches(row, f) for f in filters):
             rows.append(row)
     return rows
+
+
+def _aliases(c, name: str) -> dict[str, list[str]]:
+    """version -> its aliases, sorted."""
+    out: dict[str, list[str]] = {}
+    for alias, version in sorted(c.get_registered_model(name).aliases.items()):
+        out.setdefault(str(version), []).append(alias)
+    return out
 
 
 def _typed(x: str | None) -> Any:
@@ -154,20 +190,20 @@ def _cell(x: Any) -> str:
     return str(x)
 
 
-def format_rows(rows: list[dict], fmt: str) -> str:
+def format_rows(rows: list[dict], fmt: str, columns: tuple[str, ...] = COLUMNS) -> str:
     """table (aligned text), json (a list of objects) or csv (a header row, then rows)."""
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         w.writeheader()
         for row in rows:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
         return buf.getvalue()
     if not rows:
         return "no registered model versions match\n"
-    shown = [c for c in COLUMNS if c not in ("created",)]
+    shown = [c for c in columns if c not in ("created",)]
     cells = [[_cell(r.get(c)) for c in shown] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(shown)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(shown, widths, strict=True))]

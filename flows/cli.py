@@ -186,27 +186,96 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_schedule(args: argparse.Namespace) -> int:
-    """Register the pipeline flow on a cron schedule with the persistent (or team) Prefect
-    server and serve its runs; runs until interrupted."""
-    url = servers.use_prefect()
-    from flows.pipeline import pipeline_flow
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    """The retraining flow once, now, in this process (see flows/retrain.py)."""
+    from flows.project import project_root
 
-    print(f"schedule: deployment {pipeline_flow.name}/{args.name} on {url}, cron "
-          f"{args.cron!r}; serving its runs (Ctrl-C stops serving; the schedule stays)",
-          file=sys.stderr)
+    servers.use_prefect()
+    from flows.retrain import retrain_flow
+
+    state = _run_flow(retrain_flow, project=str(project_root()), params_file=args.params,
+                      dvc_yaml=args.dvc_yaml, return_state=True)
+    if state.is_cancelled():
+        print(f"saeflow: retrain cancelled: {state.message}", file=sys.stderr)
+        return 3
+    state.result()  # a failed run raises its error here
+    return 0
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    """Create, list, pause, resume or delete the project's scheduled retraining on the
+    persistent (or team) Prefect server."""
+    from flows import deployment
+    from flows.project import project_root
+
+    url = servers.use_prefect()
+    root = project_root()
+    if args.list:
+        rows = deployment.list_deployments()
+        for r in rows:
+            print(f"{r['deployment']}  cron {r['cron']!r} ({r['timezone']})  "
+                  f"{'PAUSED' if r['paused'] else 'active'}  concurrency "
+                  f"{r['concurrency_limit']} ({r['collision_strategy']})  {r['project']}")
+        if not rows:
+            print(f"no scheduled retraining on {url}")
+        return 0
+    for flag, action in (("pause", "paused"), ("resume", "resumed"), ("delete", "deleted")):
+        if getattr(args, flag):
+            name = (deployment.delete(root, args.name) if flag == "delete" else
+                    deployment.set_paused(root, args.name, flag == "pause"))
+            print(f"schedule: {action} {name}")
+            return 0
+    if not args.cron:
+        raise ValueError("schedule: give --cron EXPR (or --list, --pause, --resume, --delete)")
+    name = deployment.schedule(root, args.name, args.cron, args.timezone, args.params,
+                               args.dvc_yaml)
+    print(f"schedule: {name} on {url}, cron {args.cron!r} ({args.timezone or 'UTC'}); at most "
+          "one run at a time. Runs execute while `saeflow serve` runs.")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Execute the project's scheduled retraining runs until interrupted."""
+    from flows import deployment
+    from flows.project import project_root
+
+    url = servers.use_prefect()
+    print(f"serve: serving the scheduled runs of {deployment.FLOW_NAME}/"
+          f"{deployment.deployment_name(project_root(), args.name)} from {url} "
+          "(Ctrl-C stops serving; the schedule stays)", file=sys.stderr)
     try:
-        pipeline_flow.serve(name=args.name, cron=args.cron, print_starting_message=False,
-                            parameters={"params_file": args.params, "dvc_yaml": args.dvc_yaml})
+        deployment.serve(project_root(), args.name)
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    """Rebuild a registered model from its recorded commit and data; compare the bytes."""
+    from flows.project import project_root
+    from flows.reproduce import reproduce
+
+    r = reproduce(args.model, project_root())
+    print(f"reproduce: {r['name']} version {r['version']}: registered sha256 "
+          f"{r['registered'][:16]}..., rebuilt {r['rebuilt'][:16]}... -> "
+          + ("identical" if r["identical"] else "DIFFERENT"))
+    if r["dirty"]:
+        print(f"reproduce: note: the version was trained from a working tree that differed "
+              f"from commit {r['commit'][:12]} (git.dirty); the recorded settings were used, "
+              "uncommitted code changes (if any) could not be")
+    return 0 if r["identical"] else 1
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     """Which sparsity settings produced which registered model versions."""
     from flows.audit import audit_rows, format_rows, parse_filter
 
+    if args.history:
+        from flows.audit import format_history, history_rows
+
+        sys.stdout.write(format_history(history_rows(args.model, params_file=args.params),
+                                        args.format))
+        return 0
     filters = [parse_filter(w) for w in args.where]
     rows = audit_rows(args.model, filters, params_file=args.params)
     sys.stdout.write(format_rows(rows, args.format))
@@ -324,11 +393,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep runs matching e.g. 'train.beta>=1' or 'score/accuracy>0.9'")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("schedule", help="serve the pipeline flow on a cron schedule (Prefect)",
-                       parents=[params, dvc_yaml])
-    p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1"')
-    p.add_argument("--name", default="saeflow-retrain")
+    p = sub.add_parser("retrain", help="refresh the sources, run the stale stages, and "
+                       "promote the new model only if it beats the champion", parents=[params,
+                                                                                   dvc_yaml])
+    p.set_defaults(func=_cmd_retrain)
+
+    p = sub.add_parser("schedule", help="scheduled retraining on the Prefect server: create "
+                       "(--cron), --list, --pause, --resume or --delete", parents=[params,
+                                                                                  dvc_yaml])
+    p.add_argument("--cron", help='cron expression, e.g. "0 3 * * 1"')
+    p.add_argument("--timezone", metavar="TZ", help="IANA time zone of the cron (default UTC)")
+    p.add_argument("--name", default=None,
+                   help="deployment name (default: the project folder's name)")
+    what = p.add_mutually_exclusive_group()
+    for flag, text in (("list", "list the scheduled retraining deployments"),
+                       ("pause", "pause the schedule"), ("resume", "resume the schedule"),
+                       ("delete", "delete the deployment and its scheduled runs")):
+        what.add_argument(f"--{flag}", action="store_true", help=text)
     p.set_defaults(func=_cmd_schedule)
+
+    p = sub.add_parser("serve", help="execute the scheduled retraining runs (until Ctrl-C)")
+    p.add_argument("--name", default=None,
+                   help="deployment name (default: the project folder's name)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("reproduce", help="rebuild a registered model from its commit and data "
+                       "and compare its sha256")
+    p.add_argument("model", metavar="MODEL_URI",
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("audit", help="which sparsity settings produced which models (MLflow)",
                        parents=[params])
@@ -337,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep versions matching e.g. 'beta>=1' or 'penalty=topk' (repeatable)")
     p.add_argument("--model", default=None,
                    help="registered model name (default: params.yaml tracking.registered_model)")
+    p.add_argument("--history", action="store_true",
+                   help="the champion changes over time: when, which version, the metric "
+                   "values and why")
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("summary", help="where the outputs are and how to open the UIs",

@@ -8,13 +8,38 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.project import pipeline_paths
+from flows.stage_support import PARENT_ENV
 from flows.stages import STAGES
+
+
+@contextmanager
+def parent_of_stages() -> Iterator[None]:
+    """Within, the stage flows tag their MLflow runs with this flow run's id
+    (``prefect.flow_run_id.pipeline``), so a parent flow can find the runs it made."""
+    previous = os.environ.get(PARENT_ENV)
+    if flow_run.id:
+        os.environ[PARENT_ENV] = str(flow_run.id)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = previous
+
+
+def run_stage(stage, paths: dict[str, str], params_file: str) -> dict:
+    """One stage's flow as a subflow, on dvc.yaml's paths; its result."""
+    return stage.flow()(**{name: paths[name] for name in stage.path_args},
+                        params_file=params_file)
 
 
 @flow(name="saeflow-pipeline", log_prints=False, persist_result=False)
@@ -29,19 +54,8 @@ def pipeline_flow(params_file: str = "params.yaml", dvc_yaml: str = "dvc.yaml",
         raise ValueError(f"{params_file}: only the project's params.yaml and dvc.yaml can be "
                          "recorded in dvc.lock; use --no-dvc-commit with other files")
     paths = pipeline_paths(dvc_yaml)
-    previous = os.environ.get("SAEFLOW_PIPELINE_RUN_ID")
-    if flow_run.id:
-        os.environ["SAEFLOW_PIPELINE_RUN_ID"] = str(flow_run.id)
-    results = {}
-    try:
-        for stage in STAGES:
-            args = {name: paths[name] for name in stage.path_args}
-            results[stage.name] = stage.flow()(**args, params_file=params_file)
-    finally:
-        if previous is None:
-            os.environ.pop("SAEFLOW_PIPELINE_RUN_ID", None)
-        else:
-            os.environ["SAEFLOW_PIPELINE_RUN_ID"] = previous
+    with parent_of_stages():
+        results = {stage.name: run_stage(stage, paths, params_file) for stage in STAGES}
     if record_in_dvc and os.path.isdir(".dvc"):
         subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], check=True)
         print("pipeline: outputs recorded in dvc.lock (dvc commit)")

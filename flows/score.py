@@ -18,22 +18,50 @@ from flows.stage_support import (
 )
 
 
+def read_inputs(labeled: str, transform: str, patches: str) -> dict:
+    """What scoring a model needs besides the model, read and checked: the labeled images
+    (one shape) with their labels, the patches' fitted transform and the patch settings
+    (the patch store's own record of them). Keyword arguments of :func:`score_model`."""
+    import numpy as np
+
+    from sae_core.dataset import read_dataset
+    from sae_core.patch_store import read_patch_store
+    from sae_core.patches import PatchConfig
+    from sae_core.transform import PatchTransform
+
+    data = read_dataset(labeled)
+    if data.labels is None:
+        raise ValueError(f"{labeled}: the dataset has no labels")
+    shapes = {img.shape for img in data.images}
+    if len(shapes) != 1:
+        raise ValueError(f"{labeled}: images of {len(shapes)} different shapes; scoring "
+                         "needs one shape")
+    return {"images": np.stack(data.images), "labels": data.labels,
+            "transform": PatchTransform.load(transform),
+            "patch_config": PatchConfig.from_dict(read_patch_store(patches).config)}
+
+
+def score_model(sae, config, *, images, labels, transform, patch_config) -> dict:
+    """The score metrics of one model (``ScoreResult.metrics()``): its features of the
+    labeled images, (n_images, n_features), against raw pixels, on the split and with the
+    classifier of ``config``. Features are extracted on the model's device (CUDA when
+    train.device is auto and a GPU is present; the CPU gives the same bytes run to run)."""
+    from sae_core.device import resolve_device
+    from sae_core.score import score as run_score
+
+    return run_score(sae, images, labels, config, transform=transform,
+                     patch_config=patch_config,
+                     device=str(resolve_device(sae.device))).metrics()
+
+
 def score(model: str, labeled: str, transform: str, patches: str, score_metrics: str,
           params_file: str = "params.yaml") -> dict:
     """Features of the labeled images (the model's filters applied as the score settings
     say, with the patches' own transform) against raw pixels, one linear classifier each."""
-    import numpy as np
-
     from sae_core import SparseAutoencoder
-    from sae_core.dataset import read_dataset
-    from sae_core.device import resolve_device
     from sae_core.io import write_json
     from sae_core.outputs import check_paths
-    from sae_core.patch_store import read_patch_store
-    from sae_core.patches import PatchConfig
     from sae_core.score import SCORE_METRICS, ScoreConfig
-    from sae_core.score import score as run_score
-    from sae_core.transform import PatchTransform
 
     c = tracking.client() if tracking_enabled() else None  # fail fast on a bad store
     params, cfg = read_section(params_file, "score")
@@ -42,15 +70,7 @@ def score(model: str, labeled: str, transform: str, patches: str, score_metrics:
                         "transform": transform, "patches": patches},
                 outputs={"score_metrics": (score_metrics, SCORE_METRICS)})
     sae = SparseAutoencoder.load(model)
-    data = read_dataset(labeled)
-    if data.labels is None:
-        raise ValueError(f"{labeled}: the dataset has no labels")
-    shapes = {img.shape for img in data.images}
-    if len(shapes) != 1:
-        raise ValueError(f"{labeled}: images of {len(shapes)} different shapes; scoring "
-                         "needs one shape")
-    patch_config = PatchConfig.from_dict(read_patch_store(patches).config)
-    fitted = PatchTransform.load(transform)
+    inputs = read_inputs(labeled, transform, patches)
     run_id = None
     if c is not None:  # the record is opened before any output is written
         run_id = tracking.attach_run(
@@ -59,12 +79,7 @@ def score(model: str, labeled: str, transform: str, patches: str, score_metrics:
                                    **prefect_tags("score")})
     with tracking.failed_on_error(c, run_id):
         with compute_timer("score") as timer:
-            # features are extracted on the model's device (CUDA when train.device is auto
-            # and a GPU is present; the CPU gives the same bytes run to run)
-            result = run_score(sae, np.stack(data.images), data.labels, config,
-                               transform=fitted, patch_config=patch_config,
-                               device=str(resolve_device(sae.device)))
-            metrics = result.metrics()
+            metrics = score_model(sae, config, **inputs)
             # timings go to MLflow only: the metrics file stays the same bytes run to run
             timings = {k: metrics.pop(k) for k in list(metrics)
                        if k.endswith("_seconds") or k.endswith("_per_second")}

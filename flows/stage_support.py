@@ -16,6 +16,8 @@ from flows.params import load_params, section
 TIMINGS_ENV = "SAEFLOW_TIMINGS"
 """If set, each stage appends its own compute time (and the modules it loaded) to this
 JSON-lines file (benchmarks/overhead.py)."""
+PARENT_ENV = "SAEFLOW_PIPELINE_RUN_ID"
+"""Set by a parent flow (pipeline, retrain) to its flow run id, for the stages' run tags."""
 TRACKING_ENV = "SAEFLOW_TRACKING"
 """Set to 0/off/false to run the stages without recording to MLflow."""
 
@@ -88,7 +90,7 @@ def prefect_tags(stage: str) -> dict[str, str]:
     tags = {}
     if flow_run.id:
         tags[f"prefect.flow_run_id.{stage}"] = str(flow_run.id)
-    parent = os.environ.get("SAEFLOW_PIPELINE_RUN_ID")
+    parent = os.environ.get(PARENT_ENV)
     if parent:
         tags["prefect.flow_run_id.pipeline"] = parent
     return tags
