@@ -205,10 +205,10 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 def _cmd_schedule(args: argparse.Namespace) -> int:
     """Create, list, pause, resume or delete the project's scheduled retraining on the
     persistent (or team) Prefect server."""
+    url = servers.use_prefect()  # before Prefect is imported: its settings are read then
     from flows import deployment
     from flows.project import project_root
 
-    url = servers.use_prefect()
     root = project_root()
     if args.list:
         rows = deployment.list_deployments()
@@ -236,10 +236,10 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Execute the project's scheduled retraining runs until interrupted."""
+    url = servers.use_prefect()  # before Prefect is imported
     from flows import deployment
     from flows.project import project_root
 
-    url = servers.use_prefect()
     print(f"serve: serving the scheduled runs of {deployment.FLOW_NAME}/"
           f"{deployment.deployment_name(project_root(), args.name)} from {url} "
           "(Ctrl-C stops serving; the schedule stays)", file=sys.stderr)

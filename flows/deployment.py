@@ -46,20 +46,18 @@ def _read(client, name: str):
 
 
 def check_cron(cron: str, timezone: str | None) -> None:
-    """A malformed cron expression or an unknown time zone is a one-line ValueError."""
-    from croniter import croniter
+    """A cron expression or time zone that Prefect's own schedule refuses is a one-line
+    ValueError."""
+    import pydantic
+    from prefect.client.schemas.schedules import CronSchedule
 
-    if not croniter.is_valid(cron):
-        raise ValueError(f"--cron {cron!r}: not a cron expression (five fields, e.g. "
-                         "\"0 3 * * 1\")")
-    if timezone is not None:
-        import zoneinfo
-
-        try:
-            zoneinfo.ZoneInfo(timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"--timezone {timezone!r}: not an IANA time zone (e.g. "
-                             "Europe/Paris)") from None
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        what = f"--timezone {timezone!r}" if "timezone" in err.get("loc", ()) else \
+            f"--cron {cron!r}"
+        raise ValueError(f"{what}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def _deployment(name: str, *, parameters: dict, schedules: list, paused: bool):

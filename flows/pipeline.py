@@ -1,7 +1,8 @@
-"""The parent flow: the five stage flows in order, in one process, for Prefect-driven runs
-(schedules, deployments). Paths come from dvc.yaml; afterwards ``dvc commit`` records the
-new outputs in dvc.lock, so DVC and Prefect runs agree on what is up to date, and ``push``
-sends them to the default DVC remote, where a teammate's ``dvc pull`` finds them."""
+"""The parent flow: the five stage flows in order, in one process (``saeflow pipeline``).
+Paths come from dvc.yaml; afterwards ``dvc commit`` records the new outputs in dvc.lock, so
+DVC and Prefect runs agree on what is up to date, and ``push`` sends them to the default DVC
+remote, where a teammate's ``dvc pull`` finds them. It runs every stage; the retraining
+flow (:mod:`flows.retrain`) runs only the stale ones and gates the new model."""
 
 from __future__ import annotations
 

@@ -57,21 +57,32 @@ def project_slot(root: Path) -> Iterator[str]:
     """Hold the project's retrain slot (created with limit 1 on first use); taken:
     :class:`RetrainRunning`, without waiting. The slot is a lease that Prefect renews
     while this process lives, so a killed retrain frees it when the lease runs out."""
+    import logging
+
     import httpx
     from prefect.client.orchestration import get_client
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
     name = slot_name(root)
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, 1)
+    # Prefect's slot service logs a refused request with its traceback before raising it
+    service_log = logging.getLogger("prefect._internal.concurrency")
+    level = service_log.level
     with ExitStack() as stack:
+        service_log.setLevel(logging.CRITICAL)
         try:
             stack.enter_context(concurrency(name, occupy=1, max_retries=0, strict=True))
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code != 423:
+        except ConcurrencySlotAcquisitionError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, httpx.HTTPStatusError)
+                    and cause.response.status_code == 423):
                 raise
             raise RetrainRunning(f"another retrain of {root} is running (it holds the Prefect "
                                  f"concurrency limit {name}); this one was cancelled") from None
+        finally:
+            service_log.setLevel(level)
         yield name
 
 

@@ -65,7 +65,10 @@ def score(model: str, labeled: str, transform: str, patches: str, score_metrics:
 
     c = tracking.client() if tracking_enabled() else None  # fail fast on a bad store
     params, cfg = read_section(params_file, "score")
-    config = ScoreConfig.from_dict(cfg)
+    try:
+        config = ScoreConfig.from_dict(cfg)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{params_file}: score: {exc}") from None
     check_paths(inputs={"params": params_file, "model": model, "labeled": labeled,
                         "transform": transform, "patches": patches},
                 outputs={"score_metrics": (score_metrics, SCORE_METRICS)})

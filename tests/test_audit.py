@@ -53,7 +53,7 @@ def test_json_and_csv_round_trip():
 
 def test_table_is_aligned_with_a_header():
     lines = format_rows(ROWS, "table").splitlines()
-    assert lines[0].split()[:3] == ["version", "penalty", "n_components"]
+    assert lines[0].split()[:4] == ["version", "aliases", "decision", "penalty"]
     assert len(lines) == 3
     assert lines[1].index("topk") == lines[0].index("penalty")
     assert format_rows([], "table") == "no registered model versions match\n"

@@ -1,6 +1,6 @@
 """The local persistent Prefect server (Prefect's own background mode), the guard against
 Prefect's temporary per-process server, `saeflow server status`, stages that import only
-what they use, and `saeflow schedule` registering its schedule."""
+what they use."""
 
 from __future__ import annotations
 
@@ -38,6 +38,23 @@ def test_ephemeral_mode_is_off_so_a_missing_url_is_an_error(subprocess_env, tmp_
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
     assert "refused: No Prefect API URL provided" in done.stdout, done.stdout + done.stderr
+
+
+def test_importing_the_flows_before_use_prefect_never_starts_a_temporary_server(
+        subprocess_env, tmp_path):
+    """A command that imports a flow module before calling use_prefect (a slip that once
+    made `saeflow schedule --list` start a temporary server, 13 s) fails loudly instead."""
+    code = ("import os\nos.environ.pop('PREFECT_API_URL', None)\n"
+            "import flows.retrain\n"
+            "from prefect.client.orchestration import get_client\n"
+            "try:\n    get_client(sync_client=True)\nexcept ValueError as e:\n"
+            "    print('refused:', e)\n")
+    env = {k: v for k, v in subprocess_env.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert "refused: No Prefect API URL provided" in done.stdout, done.stdout + done.stderr
+    assert "temporary server" not in done.stderr
 
 
 def test_team_url_is_used_as_is(monkeypatch):
@@ -239,43 +256,6 @@ def test_each_stage_runs_in_its_own_process_importing_only_what_it_uses(prefect_
         assert not (loaded[stage] & never), f"{stage} imported {loaded[stage] & never}"
     assert {"torch", "mlflow"} <= loaded["train"]
     assert "matplotlib" in loaded["evaluate"] and "prefect" in loaded["ingest"]
-
-
-def test_schedule_registers_its_cron_with_the_persistent_server(prefect_server, tmp_path):
-    project = copy_project(tmp_path / "p", git=False)
-    env = clean_env(**prefect_server)
-    log = tmp_path / "schedule.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([BIN / "saeflow", "schedule", "--cron", "0 3 * * 1"],
-                                cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
-    code = ("from prefect.client.orchestration import get_client\n"
-            "with get_client(sync_client=True) as c:\n"
-            "    d = c.read_deployment_by_name('saeflow-pipeline/saeflow-retrain')\n"
-            "    print('CRON', [s.schedule.cron for s in d.schedules], d.paused)\n")
-    api = {**env, "PREFECT_API_URL":
-           f"http://127.0.0.1:{prefect_server['PREFECT_SERVER_API_PORT']}/api"}
-    try:
-        found = {}
-
-        def registered() -> bool:
-            done = subprocess.run([sys.executable, "-c", code], env=api, capture_output=True,
-                                  text=True, timeout=120)
-            found["out"] = done.stdout
-            return "CRON" in done.stdout
-
-        wait_for(registered, 180, "deployment", proc, log)
-        assert "CRON ['0 3 * * 1'] False" in found["out"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    text = log.read_text()
-    assert rc == 0, text
-    for noise in ("Traceback", "ConnectError", "ephemeral"):
-        assert noise not in text, text
 
 
 @pytest.mark.parametrize("argv, message", [
