@@ -52,6 +52,14 @@ def slot_name(root: Path) -> str:
     return f"saeflow-retrain-{root.name[:40]}-{digest}"
 
 
+class _NoSlotServiceErrors:
+    def filter(self, record) -> bool:
+        return "ConcurrencySlotAcquisition" not in record.getMessage()
+
+
+_SLOT_SERVICE_ERRORS = _NoSlotServiceErrors()
+
+
 @contextmanager
 def project_slot(root: Path) -> Iterator[str]:
     """Hold the project's retrain slot (created with limit 1 on first use); taken:
@@ -67,11 +75,10 @@ def project_slot(root: Path) -> Iterator[str]:
     name = slot_name(root)
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, 1)
-    # Prefect's slot service logs a refused request with its traceback before raising it
-    service_log = logging.getLogger("prefect._internal.concurrency")
-    level = service_log.level
+    # Prefect's slot service logs a refused request, with its traceback, from its own
+    # thread (after the refusal has reached this one): the refusal is reported in one line
+    logging.getLogger("prefect._internal.concurrency").addFilter(_SLOT_SERVICE_ERRORS)
     with ExitStack() as stack:
-        service_log.setLevel(logging.CRITICAL)
         try:
             stack.enter_context(concurrency(name, occupy=1, max_retries=0, strict=True))
         except ConcurrencySlotAcquisitionError as exc:
@@ -81,8 +88,6 @@ def project_slot(root: Path) -> Iterator[str]:
                 raise
             raise RetrainRunning(f"another retrain of {root} is running (it holds the Prefect "
                                  f"concurrency limit {name}); this one was cancelled") from None
-        finally:
-            service_log.setLevel(level)
         yield name
 
 

@@ -94,9 +94,11 @@ def _api(env: dict, path: str, body: dict | None = None):
 
 
 def _retrain_runs(env: dict) -> list[dict]:
-    """Flow runs of saeflow-retrain, newest first."""
-    return _api(env, "/flow_runs/filter", {"flows": {"name": {"any_": ["saeflow-retrain"]}},
-                                           "sort": "START_TIME_DESC", "limit": 50})
+    """Flow runs of saeflow-retrain that have started, newest first."""
+    return _api(env, "/flow_runs/filter", {
+        "flows": {"name": {"any_": ["saeflow-retrain"]}},
+        "flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED", "PENDING"]}}},
+        "sort": "START_TIME_DESC", "limit": 50})
 
 
 def test_first_retrain_runs_every_stage_and_makes_the_first_champion(project):
@@ -173,6 +175,31 @@ def test_a_worse_model_becomes_challenger_against_a_re_scored_champion(project):
     _dvc_clean(project)
 
 
+def test_the_champion_re_measured_here_matches_its_recorded_value(project, monkeypatch):
+    """A sparsity metric: on the data and settings the champion was evaluated with, its
+    recorded value is used; measured again here (as after a data change) it is the same
+    number; on another split it is measured, not copied."""
+    from flows.champion import GateSettings, _measure, alias_version, champion_value
+    from flows.project import pipeline_paths
+
+    monkeypatch.chdir(project["root"])
+    c = _client(project)
+    champ = alias_version(c, NAME, "champion")
+    gate = GateSettings("sparsity/fvu", "minimize", 0.0)
+    params = yaml.safe_load((project["root"] / "params.yaml").read_text())
+    paths = pipeline_paths("dvc.yaml")
+    args = {"registered": NAME, "experiment": "saeflow", "champion": champ, "gate": gate,
+            "paths": paths, "root": project["root"]}
+    recorded, source = champion_value(c, params=params, **args)
+    assert source.startswith("recorded in run")
+    runs = c.search_runs([c.get_experiment_by_name("saeflow").experiment_id])
+    again = _measure(c, NAME, champ, runs, gate, params, paths, project["root"])
+    assert again == pytest.approx(recorded, rel=1e-9)
+    params["evaluate"]["split"] = "train"
+    on_train, source = champion_value(c, params=params, **args)
+    assert source == "re-measured on the current data" and on_train != recorded
+
+
 def test_a_failure_in_score_moves_no_alias_and_fails_the_runs(project):
     before = _aliases(project)
     _set(project, "train", random_state=1)
@@ -198,6 +225,8 @@ def test_audit_shows_aliases_decisions_and_the_champion_history(project):
     by_version = {r["version"]: r for r in rows}
     assert by_version[3]["aliases"] == "champion" and by_version[3]["decision"] == "promoted"
     assert by_version[4]["aliases"] == "challenger"
+    assert "previous" in {r["aliases"] for r in rows if r["version"] < 3}
+    assert by_version[5]["aliases"] is None and by_version[5]["decision"] is None  # failed
     history = json.loads(_saeflow(project, "audit", "--history", "--format", "json").stdout)
     assert [h["version"] for h in history][-1] == 3
     assert history[0]["decision"] == "first champion"
@@ -264,7 +293,7 @@ def test_an_overlapping_retrain_is_cancelled(project):
             "    print('held', flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(project["root"])],
                               cwd=project["root"], env=project["env"], stdout=subprocess.PIPE,
-                              text=True)
+                              stderr=subprocess.DEVNULL, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         versions = len(_versions(project))
@@ -275,8 +304,12 @@ def test_an_overlapping_retrain_is_cancelled(project):
         assert _retrain_runs(project["env"])[0]["state_type"] == "CANCELLED"
         assert len(_versions(project)) == versions
     finally:
-        holder.kill()
-        holder.wait()
+        holder.send_signal(signal.SIGINT)  # leaves the slot, which later tests need free
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            raise
 
 
 def test_missed_runs_only_the_latest_runs_when_serving_resumes(project, tmp_path):
@@ -298,7 +331,7 @@ def test_missed_runs_only_the_latest_runs_when_serving_resumes(project, tmp_path
         def state(i):
             return _api(project["env"], f"/flow_runs/{created[i]}")["state_type"]
 
-        wait_for(lambda: state(2) in ("COMPLETED", "FAILED", "CRASHED"), 300,
+        wait_for(lambda: state(2) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), 300,
                  "the latest missed run", serve, log)
         assert state(2) == "COMPLETED", log.read_text()[-3000:]
         for i in (0, 1):
