@@ -253,10 +253,14 @@ def _measure(c, registered, champion, runs, gate, params, paths, root) -> float:
     from sae_core import SparseAutoencoder
 
     with tempfile.TemporaryDirectory(prefix="saeflow-champion-") as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{registered}/{champion.version}", dst_path=tmp,
-            tracking_uri=c.tracking_uri)
-        sae = SparseAutoencoder.load(Path(local) / "artifacts" / "sae")
+        # the version's artifacts as this client's store has them (a models:/ URI would be
+        # resolved against the process's global registry, which may be another store)
+        where = c.get_model_version_download_uri(registered, champion.version)
+        with tracking.quiet():
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{where.rstrip('/')}/artifacts/sae", dst_path=tmp,
+                tracking_uri=c.tracking_uri)
+        sae = SparseAutoencoder.load(local)
         if gate.prefix == "sparsity":
             from sae_core.patch_store import read_patch_store
             from sae_core.stats import sparsity_stats

@@ -146,10 +146,9 @@ def retrain(root: Path, params_file: str, dvc_yaml: str) -> dict:
     if decision.version is not None:
         tags = decision.tags(gate_.now_iso(), flow_run_id)
         gate_.apply_decision(c, registered, decision, tags)
-        for run in gate_.model_runs(c, experiment, model_sha256(paths["model"])):
-            if "train" in run.data.tags.get("saeflow.stages", ""):
-                for k, v in tags.items():
-                    c.set_tag(run.info.run_id, k, v)
+        run_id = c.get_model_version(registered, decision.version).run_id
+        for k, v in tags.items():  # the decision on the version's MLflow run too
+            c.set_tag(run_id, k, v)
     _publish(decision, registered, ran)
     return {"stages_run": ran, "decision": decision.outcome, "version": decision.version,
             "champion": decision.champion, "value": decision.value,
