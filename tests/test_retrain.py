@@ -325,8 +325,10 @@ def test_missed_runs_only_the_latest_runs_when_serving_resumes(project, tmp_path
         for m in (3, 2, 1)]
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
+        # the runner asks for due runs every 2 s instead of Prefect's 10
         serve = subprocess.Popen([BIN / "saeflow", "serve"], cwd=project["root"],
-                                 env=project["env"], stdout=out, stderr=subprocess.STDOUT)
+                                 env={**project["env"], "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         def state(i):
             return _api(project["env"], f"/flow_runs/{created[i]}")["state_type"]
