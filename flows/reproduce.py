@@ -45,7 +45,8 @@ def _setting(text: str):
 def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     if check and done.returncode != 0:
-        raise ValueError(f"git {' '.join(args)}: {done.stderr.strip().splitlines()[-1:]}")
+        last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        raise ValueError(f"git {' '.join(args)}: {last[0]}")
     return done
 
 
