@@ -30,6 +30,8 @@ from flows.project import project_root
 
 MODEL_TAG = "saeflow.model_sha256"
 """Run tag: sha256 of the model weights the run trained (how later stages find the run)."""
+MODEL_URI_TAG = "saeflow.model_uri"
+"""Run tag: the ``models:/<id>`` URI of the model the run logged."""
 SETTINGS = ("penalty", "n_components", "rho", "beta", "weight_decay", "l1_coefficient", "k",
             "solver", "max_iter")
 """The training settings copied onto each registered model version as tags."""
@@ -388,8 +390,14 @@ def log_stage(c, run_id: str, stage: str, *, metrics: dict[str, Any] | None = No
 
 def register_model(c, run_id: str, model_dir: str | os.PathLike, name: str,
                    version_tags: dict[str, str]) -> str:
-    """Log the model as an MLflow pyfunc (defined from code: nothing pickled) holding the
-    saeflow model folder, register it under ``name``, tag the version; returns the version."""
+    """:func:`log_model`, then :func:`register_version`; returns the version."""
+    return register_version(c, log_model(c, run_id, model_dir), name, version_tags)
+
+
+def log_model(c, run_id: str, model_dir: str | os.PathLike) -> str:
+    """Log the model to the run as an MLflow pyfunc (defined from code: nothing pickled)
+    holding the saeflow model folder; returns its ``models:/<model id>`` URI, which is
+    also the run's ``saeflow.model_uri`` tag."""
     import mlflow
     import mlflow.pyfunc
     import numpy as np
@@ -399,19 +407,36 @@ def register_model(c, run_id: str, model_dir: str | os.PathLike, name: str,
     s, n = json.loads((Path(model_dir) / "config.json").read_text())["shapes"]["W1"]
     # inputs (batch, n) in [0, 1] -> hidden activations (batch, s)
     signature = infer_signature(np.full((1, n), 0.5), np.zeros((1, s)))
-    mlflow.set_tracking_uri(c.tracking_uri)
-    mlflow.set_registry_uri(c._registry_uri)
+    _point_fluent_api_at(c)
     with quiet():
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(code), artifacts={"sae": str(model_dir)},
-                pip_requirements=["saeflow"], registered_model_name=name,
-                signature=signature)
-    version = str(info.registered_model_version)
+                pip_requirements=["saeflow"], signature=signature)
+    # a run ended by the fluent API is FINISHED; later stages keep adding to it
+    c.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
+    return info.model_uri
+
+
+def register_version(c, model_uri: str, name: str, version_tags: dict[str, str]) -> str:
+    """Register a logged model (:func:`log_model`'s URI) under ``name`` and tag the
+    version; returns the version."""
+    import mlflow
+
+    _point_fluent_api_at(c)
+    with quiet():
+        version = str(mlflow.register_model(model_uri, name).version)
     for k, v in version_tags.items():
         c.set_model_version_tag(name, version, k, v)
-    # a run ended by the fluent API is FINISHED; later stages keep adding to it
     return version
+
+
+def _point_fluent_api_at(c) -> None:
+    """MLflow's fluent API (log_model, register_model) at the client's own store."""
+    import mlflow
+
+    mlflow.set_tracking_uri(c.tracking_uri)
+    mlflow.set_registry_uri(c._registry_uri)
 
 
 @contextmanager
