@@ -181,7 +181,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from flows.report import report_flow
 
     experiment, _ = tracking_settings_of(args.params)
-    _run_flow(report_flow, out=args.out, run_ids=args.run, where=args.where, last=args.last,
+    run_ids = args.run
+    if args.sweep:
+        from flows.sweep_records import sweep_rows
+
+        run_ids = [r["run_id"] for r in sweep_rows(args.sweep, params_file=args.params)
+                   if r["status"] == "FINISHED"]
+        if not run_ids:
+            raise ValueError(f"--sweep {args.sweep}: no finished point to report")
+    _run_flow(report_flow, out=args.out, run_ids=run_ids, where=args.where, last=args.last,
               experiment=experiment)
     return 0
 
@@ -200,6 +208,55 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         return 3
     state.result()  # a failed run raises its error here
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Many settings at once on Dask (see flows/sweep.py); or promote a point."""
+    from flows.params import load_params
+    from flows.sweep_grid import check_points, parse_grid, read_sweep_file
+
+    if args.promote:
+        from flows.sweep_records import promote
+
+        settings = promote(args.promote, args.params)
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+        print(f"sweep: wrote {shown} into {args.params}; `dvc repro` now makes this model")
+        return 0
+    if args.file and args.set_param:
+        raise ValueError("sweep: give the points as -S options or as --file, not both")
+    points = read_sweep_file(args.file) if args.file else parse_grid(args.set_param)
+    check_points(points, load_params(args.params), args.params)
+    servers.use_prefect()
+    from flows.audit import format_rows
+    from flows.sweep import run_sweep
+    from flows.sweep_records import sweep_columns
+
+    try:
+        result = run_sweep(points, list(args.set_param) or [f"file:{args.file}"],
+                           workers=args.workers, address=args.dask_address,
+                           register=args.register, force=args.force, params_file=args.params,
+                           dvc_yaml=args.dvc_yaml, run_flow=_run_flow)
+    except KeyboardInterrupt:
+        print("saeflow: sweep cancelled: unfinished points are recorded KILLED; run the same "
+              "sweep again to finish it", file=sys.stderr)
+        return 130
+    rows = result["rows"]
+    sys.stdout.write(format_rows(rows, "table", sweep_columns(rows)))
+    sid = result["sweep_id"]
+    print(f"sweep {sid}: {len(rows)} points, {result['ran']} run now, {result['skipped']} "
+          f"already finished, {result['failed']} failed; table {result['csv']}")
+    if result["best_run"]:
+        best = next(r for r in rows if r["run_id"] == result["best_run"])
+        print(f"best by {result['metric']}: point {best['point']} ({best['settings']}); "
+              f"`saeflow sweep --promote {sid}/{best['point']}` writes it into params.yaml"
+              + (f"; registered as version {result['best_version']}"
+                 if result["best_version"] else ""))
+    if result["overhead"]:
+        o = result["overhead"]
+        print(f"points: {o['wall']:.1f} s on {o['slots']} task slot(s); {o['compute']:.2f} s "
+              f"compute and {o['per_point']:.2f} s overhead per point")
+    print(f"see `saeflow audit --sweep {sid}` and `saeflow report --sweep {sid}`")
+    return 4 if result["failed"] else 0
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
@@ -268,8 +325,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     """Which sparsity settings produced which registered model versions."""
-    from flows.audit import audit_rows, format_rows, parse_filter
+    from flows.audit import iter_audit_rows, iter_format, parse_filter, parse_limit
 
+    limit = parse_limit(args.limit)
+    if args.sweep:
+        from flows.audit import format_rows
+        from flows.sweep_records import sweep_columns, sweep_rows
+
+        rows = sweep_rows(args.sweep, params_file=args.params)
+        sys.stdout.write(format_rows(rows, args.format, sweep_columns(rows)))
+        return 0
     if args.history:
         from flows.audit import format_history, history_rows
 
@@ -277,8 +342,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                                         args.format))
         return 0
     filters = [parse_filter(w) for w in args.where]
-    rows = audit_rows(args.model, filters, params_file=args.params)
-    sys.stdout.write(format_rows(rows, args.format))
+    # written a block at a time as MLflow's pages arrive: memory stays that of one page
+    rows = iter_audit_rows(args.model, filters, params_file=args.params, limit=limit)
+    for text in iter_format(rows, args.format):
+        sys.stdout.write(text)
     return 0
 
 
@@ -391,12 +458,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=int, default=1, help="report the newest N pipeline runs")
     p.add_argument("--where", action="append", default=[], metavar="FILTER",
                    help="keep runs matching e.g. 'train.beta>=1' or 'score/accuracy>0.9'")
+    p.add_argument("--sweep", metavar="SWEEP_ID",
+                   help="the finished points of a sweep, with the metrics plotted against "
+                   "the swept settings")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("retrain", help="refresh the sources, run the stale stages, and "
                        "promote the new model only if it beats the champion", parents=[params,
                                                                                    dvc_yaml])
     p.set_defaults(func=_cmd_retrain)
+
+    p = sub.add_parser("sweep", help="many settings at once on Dask: a grid (-S, as `dvc exp "
+                       "run -S`) or a sweep file; or --promote a point into params.yaml",
+                       parents=[params, dvc_yaml])
+    p.add_argument("-S", "--set-param", action="append", default=[],
+                   metavar="SECTION.KEY=VALUES", help="e.g. train.beta=0.3,1,3 or "
+                   "train.rho=range(0.01,0.06,0.01) (repeatable; the grid is their product)")
+    p.add_argument("--file", help="a sweep file: a YAML list of points ({train.beta: 3, ...})")
+    p.add_argument("--workers", type=int, default=2,
+                   help="local Dask workers, one point at a time each (default 2)")
+    p.add_argument("--dask-address", metavar="tcp://HOST:8786",
+                   help="run on this existing Dask cluster instead of a local one")
+    p.add_argument("--register", choices=("all", "best", "none"), default="all",
+                   help="register every point's model (default, tagged with the sweep id), "
+                   "only the best one, or none (models stay logged on their runs)")
+    p.add_argument("--force", action="store_true",
+                   help="run every point again, as a new sweep (default: skip finished ones)")
+    p.add_argument("--promote", metavar="SWEEP_ID/POINT",
+                   help="write that point's settings into params.yaml (or give its run id)")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("schedule", help="scheduled retraining on the Prefect server: create "
                        "(--cron), --list, --pause, --resume or --delete", parents=[params,
@@ -428,11 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--where", action="append", default=[], metavar="FILTER",
                    help="keep versions matching e.g. 'beta>=1' or 'penalty=topk' (repeatable)")
+    p.add_argument("--limit", default=None, metavar="N",
+                   help="show at most N rows, newest version first (default: all)")
     p.add_argument("--model", default=None,
                    help="registered model name (default: params.yaml tracking.registered_model)")
     p.add_argument("--history", action="store_true",
                    help="the champion changes over time: when, which version, the metric "
                    "values and why")
+    p.add_argument("--sweep", metavar="SWEEP_ID",
+                   help="the points of a sweep: settings, status, metrics, run ids")
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("summary", help="where the outputs are and how to open the UIs",
