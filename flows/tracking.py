@@ -425,10 +425,8 @@ def register_version(c, model_uri: str, name: str, version_tags: dict[str, str])
 
     _point_fluent_api_at(c)
     with quiet():
-        version = str(mlflow.register_model(model_uri, name).version)
-    for k, v in version_tags.items():
-        c.set_model_version_tag(name, version, k, v)
-    return version
+        # the tags go in with the version: one write, not one request per tag
+        return str(mlflow.register_model(model_uri, name, tags=version_tags).version)
 
 
 def _point_fluent_api_at(c) -> None:
