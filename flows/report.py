@@ -69,6 +69,25 @@ def _labels(runs, differing: list[str]) -> list[str]:
             for label, run in zip(labels, runs, strict=True)]
 
 
+GRID_METRICS = ("sparsity/rho_hat_mean", "sparsity/dead_units", "sparsity/fvu",
+                "score/accuracy")
+"""What a sweep over several settings plots against each of them."""
+
+
+def _swept_settings(runs) -> list[str]:
+    """The numeric params that differ between the runs (the settings a sweep varied)."""
+    out = []
+    for k in sorted({k for r in runs for k in r.data.params}):
+        values = {r.data.params.get(k) for r in runs}
+        if len(values) > 1 and k.split(".")[0] in ("patches", "train", "evaluate", "score"):
+            try:
+                [float(v) for v in values]
+            except (TypeError, ValueError):
+                continue
+            out.append(k)
+    return out
+
+
 def sweep_setting(runs) -> str | None:
     """The one sweepable setting whose value differs between the runs, if exactly one."""
     differs = [k for k in SWEEPABLE if len({r.data.params.get(k) for r in runs}) > 1]
@@ -109,7 +128,7 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
     from prefect.artifacts import create_markdown_artifact
 
     from sae_core.outputs import HTML, check_target
-    from sae_core.plots import figure_png, sweep_figure
+    from sae_core.plots import figure_png, sweep_figure, sweep_grid_figure
     from sae_core.report import RunSummary, write_report
     from sae_core.stats import read_per_unit
 
@@ -153,6 +172,12 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
             accuracy=acc if None not in acc else None,
             raw_accuracy=raw if None not in raw and None not in acc else None,
             rho=float(next(iter(rhos))) if kl and len(rhos) == 1 else None))
+    swept = _swept_settings(runs)
+    if len(swept) > 1:
+        overview[f"sweep over {', '.join(swept)}"] = figure_png(sweep_grid_figure(
+            {k: [float(r.data.params[k]) for r in runs] for k in swept},
+            {k.split("/")[-1]: [r.data.metrics.get(k, float("nan")) for r in runs]
+             for k in GRID_METRICS}))
     title = ("saeflow report: " + summaries[0].name if len(runs) == 1
              else f"saeflow report: {len(runs)} runs" + (f", sweep over {setting}"
                                                           if setting else ""))

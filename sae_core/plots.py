@@ -575,3 +575,50 @@ def sweep_figure(
         (5.4, height),
         lambda fig: _draw_sweep(fig, x, spread, acc, raw, rho, str(name), log, title),
     )
+
+
+def sweep_grid_figure(settings: dict[str, Sequence[float]],
+                      metrics: dict[str, Sequence[float]], title: str = "") -> Figure:
+    """Figure of a sweep over several settings: one panel per (metric, setting), the
+    metric against the setting, one line per combination of the other settings.
+
+    ``settings``: name -> (p,) values of each point; ``metrics``: name -> (p,) values (NaN
+    where a point lacks the metric). A setting whose values are all > 0 and span a factor
+    10 is drawn on a log axis."""
+    names = list(settings)
+    if not names or not metrics:
+        raise ValueError("sweep_grid_figure needs at least one setting and one metric")
+    xs = {n: finite_array(v, n, 1) for n, v in settings.items()}
+    p = next(iter(xs.values())).size
+    ys = {}
+    for m, v in metrics.items():
+        y = np.asarray(v, dtype=float)
+        if y.shape != (p,):
+            raise ValueError(f"{m} has {y.size} entries, the settings have {p}")
+        ys[m] = y
+
+    def draw(fig) -> None:
+        axes = fig.subplots(len(ys), len(names), squeeze=False)
+        for col, name in enumerate(names):
+            others = [n for n in names if n != name]
+            groups: dict[tuple, list[int]] = {}
+            for i in range(p):
+                groups.setdefault(tuple(xs[o][i] for o in others), []).append(i)
+            for row, (metric, y) in enumerate(ys.items()):
+                ax = axes[row][col]
+                for combo, idx in sorted(groups.items()):
+                    idx = sorted(idx, key=lambda i: xs[name][i])
+                    label = ", ".join(f"{o}={v:g}" for o, v in zip(others, combo, strict=True))
+                    ax.plot(xs[name][idx], y[idx], marker="o", label=label or None)
+                if _log_ok(xs[name], "auto", name):
+                    ax.set_xscale("log")
+                ax.set_xlabel(name)
+                ax.set_ylabel(metric)
+                ax.grid(alpha=0.3)
+                if row == 0 and others:
+                    ax.legend(fontsize="x-small")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+
+    return _figure((3.2 * len(names) + 0.6, 2.4 * len(ys) + 0.4), draw)

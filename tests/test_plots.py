@@ -313,3 +313,18 @@ def test_rho_hat_csv_exact_bytes(tmp_path):
     )
     tables.write_rho_hat_csv(path, np.array([0.5]))
     assert path.read_text() == "unit,rho_hat,target\n0,0.5,\n"
+
+
+def test_sweep_grid_figure_has_a_panel_per_metric_and_setting():
+    from sae_core.plots import sweep_grid_figure
+
+    settings = {"train.beta": [1, 1, 3, 3], "train.rho": [0.01, 0.05, 0.01, 0.05]}
+    fig = sweep_grid_figure(settings, {"rho_hat_mean": [0.01, 0.05, 0.011, 0.049],
+                                       "accuracy": [0.9, 0.92, float("nan"), 0.95]})
+    axes = fig.get_axes()
+    assert len(axes) == 4
+    assert [a.get_xlabel() for a in axes[:2]] == ["train.beta", "train.rho"]
+    # one line per value of the other setting
+    assert len(axes[0].get_lines()) == 2 and len(axes[1].get_lines()) == 2
+    with pytest.raises(ValueError, match="accuracy has 3 entries"):
+        sweep_grid_figure(settings, {"accuracy": [0.9, 0.9, 0.9]})
