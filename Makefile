@@ -21,7 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	# two test processes, each module whole in one of them (its tests run in order): most
+	# tests wait on servers and subprocesses, so two overlap on two cores
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
