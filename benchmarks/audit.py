@@ -322,22 +322,31 @@ def clean_env() -> dict:
 TIME = Path("/usr/bin/time")
 
 
-def timed(cmd: list[str], cwd: Path, env: dict, out: Path) -> dict:
+def timed(cmd: list[str], cwd: Path, env: dict, out: Path, tries: int = 3) -> dict:
     """Wall seconds and peak RSS (MiB) of one fresh process; its stdout to ``out``. The
     peak is GNU time's report of the process (from its exec on) where /usr/bin/time exists:
     ``os.wait4`` of a child forked from this process, which holds the synthetic rows,
-    would count this process's pages until the child's exec."""
+    would count this process's pages until the child's exec. A process ended by a signal
+    from outside (a shared machine) is run again, up to ``tries`` times in all."""
     stats = out.with_suffix(".time")
     wrapped = ["/usr/bin/time", "-f", "%M", "-o", str(stats), *cmd] if TIME.exists() else cmd
-    with open(out, "w") as fh, open(out.with_suffix(".err"), "w") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(wrapped, cwd=cwd, env=env, stdout=fh, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {out.with_suffix('.err').read_text()[-2000:]}")
-    kib = int(stats.read_text().split()[-1]) if TIME.exists() else usage.ru_maxrss
-    return {"wall_s": round(wall, 3), "peak_rss_mib": round(kib / 1024, 1)}
+    for attempt in range(1, tries + 1):
+        with open(out, "w") as fh, open(out.with_suffix(".err"), "w") as err:
+            start = time.perf_counter()
+            proc = subprocess.Popen(wrapped, cwd=cwd, env=env, stdout=fh, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        report = stats.read_text() if stats.exists() else ""
+        if code == 0:
+            break
+        if "signal" not in report or attempt == tries:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({code}; {report.strip()}): "
+                               f"{out.with_suffix('.err').read_text()[-2000:]}")
+        print(f"  ({' '.join(cmd[-4:])}: {report.strip()}; run again)", flush=True)
+    kib = int(report.split()[-1]) if TIME.exists() else usage.ru_maxrss
+    return {"wall_s": round(wall, 3), "peak_rss_mib": round(kib / 1024, 1),
+            "attempts": attempt}
 
 
 def rows_of(out: Path) -> list[str]:
@@ -441,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results, builds = [], []
     load_before = os.getloadavg()
+    partial = Path(args.out) / "audit.partial.json"  # the results so far, if the run dies
+    partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="saeflow-audit-bench-") as tmp_name:
         tmp = Path(tmp_name)
         os.chdir(tmp)  # MLflow's Default experiment points at ./mlruns: not the project's
@@ -469,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                     results += measure(store, size, work,
                                        old_dir if size <= args.old_max else None,
                                        args.repeats, args.rare_max)
+                    partial.write_text(json.dumps(results, indent=2) + "\n")
             finally:
                 store.close()
     largest = max(sizes)
@@ -489,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "audit.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     text = markdown(record)
     (out_dir / "audit.md").write_text(text)
+    partial.unlink(missing_ok=True)
     print("\n" + text)
     print(f"wrote {out_dir / 'audit.json'} and {out_dir / 'audit.md'}")
     return 0
