@@ -21,8 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	# two test processes, each module whole in one of them (its tests run in order): most
-	# tests wait on servers and subprocesses, so two overlap on two cores
+	# two test processes, each module whole in one of them (its tests run in order; the
+	# scheduler in tests/conftest.py): most tests wait on servers and subprocesses, so two
+	# overlap on two cores
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)

@@ -18,6 +18,36 @@ torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+MANY_PROCESSES = ("test_concurrency.py", "test_sweep.py", "test_team_mode.py")
+"""Modules that each start many processes (eight pipelines at once, Dask clusters, the
+team's servers): under ``pytest -n 2 --dist loadfile`` (the Makefile's) they run one after
+another in one test process, never two at once, which on a 2-core machine starves the
+servers they test past their timeouts."""
+
+
+def scheduling_unit(nodeid: str) -> str:
+    """The unit a test is scheduled in: its module's path, or ``many-processes`` for the
+    modules of :data:`MANY_PROCESSES`."""
+    module = nodeid.split("::", 1)[0]
+    return "many-processes" if Path(module).name in MANY_PROCESSES else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` by :func:`scheduling_unit`: each module whole in one test process
+    (its module-scoped fixtures built once, its tests in order), the modules of
+    :data:`MANY_PROCESSES` as one unit. (xdist's ``--dist loadgroup`` cannot do this under
+    pytest 9.2: it renames ``item._nodeid``, which pytest 9.2 no longer reads, so it groups
+    nothing.) Other modes keep xdist's own scheduler."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ManyProcessesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scheduling_unit(nodeid)
+
+    return ManyProcessesTogether(config, log)
+
 
 @pytest.fixture
 def small_X() -> np.ndarray:
