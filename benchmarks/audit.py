@@ -20,14 +20,14 @@ time, and peak RSS as /usr/bin/time reports it; the filtered cases the best of
   audit reads most of the store to find 100)
 - all: no filter, every row
 
-and the implementation before this one (``git show <rev>:flows/audit.py``, which fetches
+and the implementation before this one (``git show 9da3bad:flows/audit.py``, which fetches
 everything and filters in Python; up to 10,000 versions, with the same filters, its list
 cut to 100 rows) for the ratios. Target: a filtered audit over 100,000 versions returning
 at most 100 rows in under 5 s on both stores. Prints a table, writes
 benchmarks/results/audit.json and audit.md.
 
     python benchmarks/audit.py [--sizes 1000,10000,100000] [--stores sqlite,server]
-                               [--repeats 3] [--rare-max 10000] [--old-rev HEAD]
+                               [--repeats 3] [--rare-max 10000] [--old-rev 9da3bad]
                                [--old-max 10000] [--out benchmarks/results]
 """
 
@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +60,9 @@ CASES = {
     "all": [],
 }
 TARGET_S = 5.0
+OLD_REV = "9da3bad"
+"""The last commit of flows/audit.py before the paged rewrite (one search of everything,
+filtered in Python)."""
 OLD_DRIVER = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -434,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--stores", default="sqlite,server")
-    ap.add_argument("--old-rev", default="HEAD", help="git revision of the old flows/audit.py")
+    ap.add_argument("--old-rev", default=OLD_REV,
+                    help="git revision of the old flows/audit.py (default: the last one "
+                    "before the paged rewrite)")
     ap.add_argument("--old-max", type=int, default=10_000,
                     help="time the old implementation up to this many versions")
     ap.add_argument("--repeats", type=int, default=3,
@@ -444,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                     "whole store, as the all case does)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    # a terminated run still stops its server and drops its database (finally blocks)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = sorted(int(s) for s in args.sizes.split(","))
     stores = args.stores.split(",")
     import mlflow
