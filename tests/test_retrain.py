@@ -66,7 +66,10 @@ def _set(project, section: str, **values) -> None:
 def _client(project):
     from mlflow import MlflowClient
 
-    return MlflowClient(f"sqlite:///{project['root'] / 'mlflow.db'}")
+    uri = f"sqlite:///{project['root'] / 'mlflow.db'}"
+    # the registry too: a client without one uses the process's registry URI, which a test
+    # module run before this one in the same test process may have set
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _aliases(project) -> dict[str, str]:

@@ -137,7 +137,7 @@ def test_a_failed_fit_leaves_a_failed_run_and_no_outputs(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="loss became"):
         train("patches.arrow", "model", "train.json", "loss.csv")
     assert not any((tmp_path / p).exists() for p in ("model", "train.json", "loss.csv"))
-    c = MlflowClient(uri)
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     runs = c.search_runs([c.get_experiment_by_name("saeflow").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "saeflow.model_sha256" not in runs[0].data.tags
