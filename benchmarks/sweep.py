@@ -7,8 +7,11 @@
 - ``saeflow sweep`` on a local Dask cluster of 2 workers, cold (the command starts the
   cluster, whose workers import torch and the rest once);
 - ``saeflow sweep --force`` on a warm existing cluster (``dask scheduler`` + 2 ``dask
-  worker --nthreads 1``, warmed by a 2-point sweep), for the overhead per point: the
-  points' wall time times the task slots over the points, minus their mean compute.
+  worker --nthreads 1``, warmed by a 2-point sweep), for the overhead per point: each
+  point's time on its task slot beyond its compute (train + evaluate + score), that is
+  the bookkeeping and recording in its task plus the slot's wait for it after the slot's
+  previous point (dispatch); the slots left idle at the end while the last points finish
+  are shown apart (``flows.sweep.point_overhead``).
 
 Both record every point in the project's MLflow store, on the same persistent Prefect
 server; ingest and patches are done (and committed) before any timing. Targets: the sweep
@@ -67,11 +70,14 @@ def dvc_queue(project: Path, env: dict) -> dict:
 
 def sweep_line(out: str) -> dict:
     m = re.search(r"points: ([\d.]+) s on (\d+) task slot\(s\); ([\d.]+) s compute and "
-                  r"(-?[\d.]+) s overhead per point", out)
+                  r"(-?[\d.]+) s overhead per point \(([\d.]+) s in its task, ([\d.]+) s of it "
+                  r"recording; ([\d.]+) s dispatch\); slots idle at the end ([\d.]+) s", out)
     if not m:
         sys.exit(f"no overhead line in the sweep's output:\n{out[-2000:]}")
     return {"points_seconds": float(m[1]), "slots": int(m[2]), "compute_per_point": float(m[3]),
-            "overhead_per_point": float(m[4])}
+            "overhead_per_point": float(m[4]), "in_task_per_point": float(m[5]),
+            "recording_per_point": float(m[6]), "dispatch_per_point": float(m[7]),
+            "idle_end_per_point": float(m[8])}
 
 
 def warm_cluster(project: Path, env: dict):

@@ -254,7 +254,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if result["overhead"]:
         o = result["overhead"]
         print(f"points: {o['wall']:.1f} s on {o['slots']} task slot(s); {o['compute']:.2f} s "
-              f"compute and {o['per_point']:.2f} s overhead per point")
+              f"compute and {o['per_point']:.2f} s overhead per point ({o['in_task']:.2f} s "
+              f"in its task, {o['record']:.2f} s of it recording; {o['between']:.2f} s "
+              f"dispatch); slots idle at the end {o['idle_end']:.2f} s per point")
     print(f"see `saeflow audit --sweep {sid}` and `saeflow report --sweep {sid}`")
     return 4 if result["failed"] else 0
 

@@ -181,7 +181,6 @@ def sweep_flow(project: str, points: list[dict], grid: list[str], register_mode:
     except BaseException:
         _cancel(c, parent, sid, experiment)
         raise
-    ran_now = {runs[i].info.run_id for i in todo}
     point_runs = sweep_records.children(c, tracking.experiment_id(c, experiment), sid)
     rows = sweep_records.point_rows(point_runs)
     best = sweep_records.best_run(point_runs, gate.metric, gate.direction)
@@ -198,7 +197,7 @@ def sweep_flow(project: str, points: list[dict], grid: list[str], register_mode:
     c.set_terminated(parent, "FINISHED")
     return {"sweep_id": sid, "parent_run": parent, "rows": rows, "csv": str(csv_path),
             "ran": outcome["ran"], "skipped": len(points) - len(todo), "failed": n_failed,
-            "overhead": _overhead(outcome, [r for r in rows if r["run_id"] in ran_now]),
+            "overhead": outcome.get("overhead"),
             "best_run": best.info.run_id if best else None, "best_version": best_version,
             "metric": gate.metric, "stages_run": ran}
 
@@ -249,8 +248,8 @@ def _run_points(runner, jobs: list[PointJob], device: str, skipped: int,
     threads = torch_threads(cores, workers)
     resources = resources_of_points(device, workers)
     jobs = [PointJob(**{**j.__dict__, "threads": threads}) for j in jobs]
-    slots = sum(int(w["nthreads"]) for w in workers.values())
-    start = time.perf_counter()
+    slots = {address: int(w["nthreads"]) for address, w in workers.items()}
+    start, submitted = time.perf_counter(), time.time()
     with dask.annotate(resources=resources) if resources else _nothing():
         futures = {point_task.with_options(task_run_name=f"point-{j.index}").submit(j): j
                    for j in jobs}
@@ -279,21 +278,52 @@ def _run_points(runner, jobs: list[PointJob], device: str, skipped: int,
         raise
     finally:
         bar.close()
-    return {"ran": len(jobs), "failed": failed, "slots": slots,
-            "seconds": time.perf_counter() - start}
+    wall = time.perf_counter() - start
+    timings = []  # of the points finished now (a cancelled point returns none)
+    for fut in futures:
+        value = fut.wrapped_future.result().result(raise_on_failure=False) \
+            if _succeeded(fut) else None
+        if isinstance(value, dict) and "timing" in value:
+            timings.append(value["timing"])
+    return {"ran": len(jobs), "failed": failed,
+            "overhead": point_overhead(submitted, timings, slots, wall)}
 
 
-def _overhead(outcome: dict, rows: list[dict]) -> dict | None:
-    """Seconds per point beyond its compute: the points' wall time (first submission to
-    last result) times the cluster's task slots, over the points, minus their mean compute
-    (train + evaluate + score). What dispatch and recording cost each point."""
-    done = [r["seconds"] for r in rows if r["status"] == "FINISHED" and r["seconds"]]
-    if not done or not outcome.get("seconds"):
+def point_overhead(submitted: float, timings: list[dict], slots: dict[str, int],
+                   wall: float) -> dict | None:
+    """What the points cost beyond their compute (train + evaluate + score), from each
+    finished point's ``timing`` (:func:`flows.sweep_point.run_point`: its worker, start and
+    end by the wall clock, compute and recording seconds); ``slots``: worker -> task slots,
+    ``submitted``: when the points were submitted (wall clock), ``wall``: seconds from then
+    to the last result.
+
+    Per point: ``in_task`` = (end - start) - compute (the MLflow bookkeeping and recording
+    on the worker), and ``between`` = the time its task slot waited for it after the slot's
+    previous point (or the submission): dispatch and Prefect's task run. ``per_point`` =
+    mean(in_task + between), the overhead the sweep adds to each point. ``idle_end`` (per
+    point): slots left idle at the end while the last points finish (unequal points, not
+    overhead), so that slots * wall = sum(compute + in_task + between) + n * idle_end."""
+    import heapq
+
+    if not timings:
         return None
-    per_point = outcome["seconds"] * min(outcome["slots"], len(rows)) / len(rows)
-    compute = sum(done) / len(done)
-    return {"wall": outcome["seconds"], "slots": outcome["slots"], "compute": compute,
-            "per_point": per_point - compute}
+    n = len(timings)
+    in_task = [t["ended"] - t["started"] - t["compute"] for t in timings]
+    between = []
+    for worker, k in slots.items():
+        free = [submitted] * max(1, k)  # when each of its slots was last free
+        for t in sorted((t for t in timings if t["worker"] == worker),
+                        key=lambda t: t["started"]):
+            between.append(max(0.0, t["started"] - heapq.heappop(free)))
+            heapq.heappush(free, t["ended"])
+    total_slots = sum(max(1, k) for k in slots.values())
+    used = sum(t["ended"] - t["started"] for t in timings) + sum(between)
+    return {"wall": wall, "slots": total_slots, "points": n,
+            "compute": sum(t["compute"] for t in timings) / n,
+            "per_point": (sum(in_task) + sum(between)) / n,
+            "in_task": sum(in_task) / n, "between": sum(between) / n,
+            "record": sum(t["record"] for t in timings) / n,
+            "idle_end": max(0.0, total_slots * wall - used) / n}
 
 
 def _nothing():

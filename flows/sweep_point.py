@@ -58,10 +58,13 @@ class PointJob:
 
 def run_point(job: PointJob) -> dict:
     """Train, evaluate and score the point, then record it; returns its status, metrics,
-    compute seconds (train + evaluate + score) and run id. A failure is recorded on the
-    run (status FAILED, tag ``saeflow.error``) and raised as :class:`PointFailed`."""
+    compute seconds (train + evaluate + score), run id and timing (its worker, when it
+    started and ended by the wall clock, the seconds of compute and of recording). A
+    failure is recorded on the run (status FAILED, tag ``saeflow.error``) and raised as
+    :class:`PointFailed`."""
     from mlflow.tracking import MlflowClient
 
+    started = time.time()  # the wall clock: the sweep lines points up across workers
     c = MlflowClient(tracking_uri=job.tracking_uri, registry_uri=job.tracking_uri)
     address = _use_threads(job.threads)
     if _parent_status(c, job) == "KILLED":
@@ -81,9 +84,13 @@ def run_point(job: PointJob) -> dict:
         if _parent_status(c, job) == "KILLED":  # the sweep was cancelled meanwhile
             _end(c, job, "KILLED")
             return {"index": job.index, "status": "KILLED", "run_id": job.run_id}
+        recording = time.perf_counter()
         version = _record(c, job, sae, metrics, files, Path(tmp) / "model", compute)
+        recorded = time.perf_counter() - recording
     return {"index": job.index, "status": "FINISHED", "run_id": job.run_id,
-            "metrics": metrics, "compute_seconds": compute, "version": version}
+            "metrics": metrics, "compute_seconds": compute, "version": version,
+            "timing": {"worker": address or "local", "started": started, "ended": time.time(),
+                       "compute": compute, "record": recorded}}
 
 
 def _use_threads(threads: dict[str, int]) -> str | None:

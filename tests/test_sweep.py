@@ -20,7 +20,7 @@ import pytest
 import yaml
 from support import BIN, TINY, clean_env, copy_project, free_port, run, wait_for
 
-from flows.sweep import resources_of_points, torch_threads
+from flows.sweep import point_overhead, resources_of_points, torch_threads
 from flows.sweep_grid import apply_point, parse_grid, point_key, read_sweep_file
 
 GRID = ["-S", "train.beta=1,3", "-S", "train.rho=0.01,0.05"]
@@ -364,3 +364,23 @@ def test_points_claim_a_gpu_only_where_they_train_on_one():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_overhead_splits_slot_time_into_compute_bookkeeping_dispatch_and_idle_end():
+    def point(worker, started, ended, compute, record=0.2):
+        return {"worker": worker, "started": started, "ended": ended, "compute": compute,
+                "record": record}
+
+    # worker a: two points back to back after 1 s of dispatch, 0.5 s between them;
+    # worker b (2 slots): two points at once, one 3 s late; b's slots then idle to the end
+    timings = [point("a", 101, 111, 9.5), point("a", 111.5, 121, 9.0),
+               point("b", 100.5, 106, 5.0), point("b", 103, 108, 4.0)]
+    o = point_overhead(100.0, timings, {"a": 1, "b": 2}, wall=21.0)
+    assert o["slots"] == 3 and o["points"] == 4
+    assert o["in_task"] == pytest.approx((0.5 + 0.5 + 0.5 + 1.0) / 4)
+    assert o["between"] == pytest.approx((1.0 + 0.5 + 0.5 + 3.0) / 4)
+    assert o["per_point"] == pytest.approx(o["in_task"] + o["between"])
+    assert o["compute"] == pytest.approx(27.5 / 4) and o["record"] == pytest.approx(0.2)
+    used = sum(t["compute"] for t in timings) + 4 * o["per_point"]
+    assert 3 * 21.0 == pytest.approx(used + 4 * o["idle_end"])
+    assert point_overhead(100.0, [], {"a": 1}, wall=1.0) is None
