@@ -3,8 +3,9 @@ versions, on the local SQLite store and on a tracking server backed by PostgreSQ
 
 Each store holds what the pipeline writes: per version its training run (all params of
 params.yaml, the provenance tags, the train / sparsity / score metrics) and the version
-with its settings as tags; 2% of the versions have their score on a separate run of the
-same model (the own run lacks it), 0.5% have no score at all, a few carry champion
+with its settings as tags; 2% of the versions have their score on a separate run that a
+later stage opened for the model (tagged ``saeflow.trained_in``; the own run lacks it),
+0.5% have no score at all, a few carry champion
 decisions and aliases. MLflow creates the schema and the experiment; the rows are then
 inserted in bulk into MLflow's own tables (executemany on SQLite, COPY on PostgreSQL),
 since 100,000 versions through the client would take hours. A store grows from one size
@@ -424,9 +425,9 @@ def markdown(record: dict) -> str:
               + f" (rare up to {record['rare_max']:,} versions).", "",
               "Store: per version its run (all of params.yaml as params, provenance tags, "
               "train/sparsity/score metrics) and the version with its settings as tags; 2% "
-              "of the versions have their score on a separate run of the same model, 0.5% "
-              "none (each such row costs a search of the runs by the model's sha256 tag, "
-              "which MLflow answers by reading that tag of every run).", "",
+              "of the versions have their score on a separate run of a later stage "
+              "(tagged saeflow.trained_in), 0.5% none (each such row costs a search of the "
+              "runs by that tag).", "",
               f"Target: tags and metric (filtered, at most 100 rows) under {TARGET_S:.0f} s "
               "at the largest size on both stores: "
               + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in

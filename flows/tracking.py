@@ -32,6 +32,9 @@ MODEL_TAG = "saeflow.model_sha256"
 """Run tag: sha256 of the model weights the run trained (how later stages find the run)."""
 MODEL_URI_TAG = "saeflow.model_uri"
 """Run tag: the ``models:/<id>`` URI of the model the run logged."""
+TRAINED_IN_TAG = "saeflow.trained_in"
+"""Run tag of a run that a later stage opened for a model (:func:`attach_run`): the run
+that trained the model."""
 SETTINGS = ("penalty", "n_components", "rho", "beta", "weight_decay", "l1_coefficient", "k",
             "solver", "max_iter")
 """The training settings copied onto each registered model version as tags."""
@@ -367,7 +370,7 @@ def attach_run(c, experiment: str, *, model_sha256: str, params: dict[str, Any],
                 c.set_tag(run.info.run_id, k, v)
             return run.info.run_id
     trained = next((r for r in runs if "train" in r.data.tags.get("saeflow.stages", "")), None)
-    extra = {"saeflow.trained_in": trained.info.run_id} if trained else {}
+    extra = {TRAINED_IN_TAG: trained.info.run_id} if trained else {}
     if trained and "saeflow.dataset_sha256" in trained.data.tags:
         extra["saeflow.dataset_sha256"] = trained.data.tags["saeflow.dataset_sha256"]
     run_id = open_run(c, experiment, params=params, tags={**git_tags(), **tags, **extra},

@@ -90,7 +90,8 @@ NAME, EXPERIMENT = "saeflow-sae", "saeflow"  # the defaults when there is no par
 SCORE = {"score/accuracy", "score/raw_accuracy"}
 SPARSITY = {"sparsity/rho_hat_mean", "sparsity/frac_units_near_target", "sparsity/dead_units",
             "sparsity/l0_mean", "sparsity/fvu"}
-# version -> (settings, metrics of its own run, related runs of the same model: newest last)
+# version -> (settings, metrics of its own run, runs that later stages opened for its model
+# (tagged saeflow.trained_in, as flows.tracking.attach_run tags them): newest last)
 STORE = {
     1: ({"penalty": "kl", "beta": "3.0", "rho": "0.01"}, {"accuracy": 0.95}, []),
     2: ({"penalty": "topk", "k": "5"}, {"accuracy": 0.97}, []),
@@ -115,7 +116,7 @@ STORE = {
 def store(tmp_path_factory):
     """A SQLite MLflow store written through the MLflow client as the pipeline writes it:
     per version a run (model sha256 tag, train/sparsity/score metrics) and the version
-    with its settings as tags; some models also have separate related runs."""
+    with its settings as tags; some models also have separate runs of later stages."""
     from mlflow.entities import Metric
 
     tmp = tmp_path_factory.mktemp("audit-store")
@@ -144,7 +145,7 @@ def store(tmp_path_factory):
         run_id = run(sha, own, t + version * 1000)
         for j, metrics in enumerate(related, 1):
             r = c.create_run(exp, start_time=t + version * 1000 + j * 100,
-                             tags={tracking.MODEL_TAG: sha})
+                             tags={tracking.MODEL_TAG: sha, tracking.TRAINED_IN_TAG: run_id})
             c.log_batch(r.info.run_id, metrics=[
                 Metric(METRIC_COLUMNS[k], v, 0, 0) for k, v in metrics.items()])
         tags = {"n_components": "25", "weight_decay": "0.0001", "solver": "lbfgs",
@@ -160,8 +161,8 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(store) -> list[dict]:
     """Every row, filtered by nothing and computed the simple way: all versions, all runs
-    of the experiment, each version's metrics from its own run and then from the runs of
-    the same model sha256, newest first."""
+    of the experiment, each version's metrics from its own run and then from the runs
+    that later stages opened for its model, newest first."""
     c = store["client"]
     versions = c.search_model_versions(f"name = '{NAME}'")
     runs = c.search_runs([store["exp"]], order_by=["attributes.start_time DESC"])
@@ -170,7 +171,7 @@ def reference(store) -> list[dict]:
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
         row = _version_row(v, aliases)
         own = [r for r in runs if r.info.run_id == v.run_id]
-        related = [r for r in runs if r.data.tags.get(tracking.MODEL_TAG) == v.tags["model_sha256"]]
+        related = [r for r in runs if r.data.tags.get(tracking.TRAINED_IN_TAG) == v.run_id]
         for col, key in METRIC_COLUMNS.items():
             row[col] = next((r.data.metrics[key] for r in own + related
                              if key in r.data.metrics), None)
