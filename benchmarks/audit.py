@@ -282,7 +282,8 @@ class Store:
             self.proc = subprocess.Popen(
                 [str(BIN / "mlflow"), "server", "--backend-store-uri", self.uri,
                  "--artifacts-destination", str(self.art), "--host", "127.0.0.1",
-                 "--port", str(port), "--workers", "2"],
+                 "--port", str(port), "--workers", "2",
+                 "--uvicorn-opts", "--timeout-worker-healthcheck 60"],  # as the README
                 cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env=clean_env())
         self.audit_uri = f"http://127.0.0.1:{port}"

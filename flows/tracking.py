@@ -410,8 +410,7 @@ def log_model(c, run_id: str, model_dir: str | os.PathLike) -> str:
     s, n = json.loads((Path(model_dir) / "config.json").read_text())["shapes"]["W1"]
     # inputs (batch, n) in [0, 1] -> hidden activations (batch, s)
     signature = infer_signature(np.full((1, n), 0.5), np.zeros((1, s)))
-    _point_fluent_api_at(c)
-    with quiet():
+    with fluent_api_at(c), quiet():
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(code), artifacts={"sae": str(model_dir)},
@@ -426,18 +425,39 @@ def register_version(c, model_uri: str, name: str, version_tags: dict[str, str])
     version; returns the version."""
     import mlflow
 
-    _point_fluent_api_at(c)
-    with quiet():
+    with fluent_api_at(c), quiet():
         # the tags go in with the version: one write, not one request per tag
         return str(mlflow.register_model(model_uri, name, tags=version_tags).version)
 
 
-def _point_fluent_api_at(c) -> None:
-    """MLflow's fluent API (log_model, register_model) at the client's own store."""
-    import mlflow
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
+
+@contextmanager
+def fluent_api_at(c) -> Iterator[None]:
+    """MLflow's fluent API (log_model, register_model) pointed at the client's own store
+    for the duration, then put back as it was. ``mlflow.set_tracking_uri`` and
+    ``set_registry_uri`` are process-wide and also export ``MLFLOW_TRACKING_URI`` and
+    ``MLFLOW_REGISTRY_URI`` to every later subprocess: left set, they would send a later
+    client made without a registry URI, or a child process, to this store."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tracking_uri, registry_uri = tracking_utils._tracking_uri, registry_utils._registry_uri
+    environ = {k: os.environ.get(k) for k in URI_VARIABLES}
     mlflow.set_tracking_uri(c.tracking_uri)
     mlflow.set_registry_uri(c._registry_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(tracking_uri)  # None: MLflow's default again
+        registry_utils._registry_uri = registry_uri
+        for k, v in environ.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextmanager

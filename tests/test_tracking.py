@@ -141,3 +141,30 @@ def test_a_failed_fit_leaves_a_failed_run_and_no_outputs(tmp_path, monkeypatch):
     runs = c.search_runs([c.get_experiment_by_name("saeflow").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "saeflow.model_sha256" not in runs[0].data.tags
+
+
+def test_registering_leaves_no_store_behind_in_the_process(tmp_path, monkeypatch, small_X):
+    """log_model and register_version point MLflow's process-wide fluent API at their
+    client's store only while they run: afterwards a client made without a registry URI,
+    and any child process, still reach the store they did before."""
+    import os
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from sae_core import SparseAutoencoder
+
+    for k in tracking.URI_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    SparseAutoencoder(n_components=3, max_iter=2, random_state=0).fit(small_X).save("model")
+    a, b = (f"sqlite:///{tmp_path / name}.db" for name in ("a", "b"))
+    ca = tracking.client(a)
+    run = ca.create_run(ca.create_experiment("e", artifact_location=str(tmp_path / "art")))
+    version = tracking.register_model(ca, run.info.run_id, "model", "m", {"beta": "3"})
+    assert version == "1" and ca.get_model_version("m", "1").tags["beta"] == "3"
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+    assert not {k for k in tracking.URI_VARIABLES if k in os.environ}
+    tracking.client(b)  # an empty store: a client of it without a registry URI finds none
+    assert MlflowClient(tracking_uri=b).search_model_versions("name = 'm'") == []
