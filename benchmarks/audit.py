@@ -383,15 +383,24 @@ def measure(store: Store, size: int, work: Path, old_dir: Path | None, repeats: 
         record.update(new=new, new_tries_s=[t["wall_s"] for t in tries], rows=len(new_rows))
         if old_dir is not None:
             old_out = work / f"{store.kind}-{size}-{case}-old.csv"
-            old = timed([sys.executable, "-c", OLD_DRIVER, str(old_dir), "--format", "csv",
-                         *args], work, env, old_out)
-            old_rows = rows_of(old_out)
-            record.update(old=old, old_rows=len(old_rows),
-                          same_versions=old_rows == new_rows,
-                          ratio=round(old["wall_s"] / new["wall_s"], 2))
+            start = time.perf_counter()
+            try:
+                old = timed([sys.executable, "-c", OLD_DRIVER, str(old_dir), "--format",
+                             "csv", *args], work, env, old_out)
+            except RuntimeError as exc:  # e.g. one search of every run outlasting the
+                # client's read timeout on a server: a result too, not the end of the run
+                record["old_error"] = (f"failed after {time.perf_counter() - start:.0f} s: "
+                                       + str(exc).strip().splitlines()[-1][-300:])
+            else:
+                old_rows = rows_of(old_out)
+                record.update(old=old, old_rows=len(old_rows),
+                              same_versions=old_rows == new_rows,
+                              ratio=round(old["wall_s"] / new["wall_s"], 2))
         results.append(record)
         line = (f"  {store.kind:6s} {size:>7,} {case:6s} {new['wall_s']:7.2f} s "
                 f"{new['peak_rss_mib']:6.0f} MiB {len(new_rows):>7,} rows")
+        if "old_error" in record:
+            line += f" | old {record['old_error'][:120]}"
         if "old" in record:
             line += (f" | old {record['old']['wall_s']:7.2f} s "
                      f"{record['old']['peak_rss_mib']:6.0f} MiB x{record['ratio']:.1f}"
@@ -416,11 +425,16 @@ def markdown(record: dict) -> str:
     for r in record["results"]:
         old = r.get("old")
         flag = "" if not old or r["same_versions"] else " (rows differ)"
+        if old:
+            old_cells = (f"{old['wall_s']:.2f} | {old['peak_rss_mib']:.0f} | "
+                         f"{r['ratio']:.1f}x{flag} |")
+        elif "old_error" in r:
+            old_cells = f"{r['old_error'].split(':')[0]} | - | - |"
+        else:
+            old_cells = "- | - | - |"
         lines.append(
             f"| {r['store']} | {r['versions']:,} | {r['case']} | {r['rows']:,} | "
-            f"{r['new']['wall_s']:.2f} | {r['new']['peak_rss_mib']:.0f} | "
-            + (f"{old['wall_s']:.2f} | {old['peak_rss_mib']:.0f} | {r['ratio']:.1f}x{flag} |"
-               if old else "- | - | - |"))
+            f"{r['new']['wall_s']:.2f} | {r['new']['peak_rss_mib']:.0f} | " + old_cells)
     lines += ["", "Cases: " + "; ".join(f"{k}: `{' '.join(v) or '(no filter, all rows)'}`"
                                         for k, v in CASES.items())
               + f" (rare up to {record['rare_max']:,} versions).", "",
@@ -451,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="time the rare case up to this many versions (above, it reads the "
                     "whole store, as the all case does)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the cases of audit.partial.json (an interrupted run) and measure "
+                    "only the others (the stores are built again)")
     args = ap.parse_args(argv)
     # a terminated run still stops its server and drops its database (finally blocks)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -461,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     results, builds = [], []
     load_before = os.getloadavg()
     partial = Path(args.out) / "audit.partial.json"  # the results so far, if the run dies
+    if args.resume and partial.exists():
+        results = json.loads(partial.read_text())
+    done = {(r["store"], r["versions"]) for r in results}
     partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="saeflow-audit-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -485,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{kind}: {size:,} versions ({seconds:.0f} s to insert "
                           f"{size - have:,})", flush=True)
                     have = size
+                    if (kind, size) in done:
+                        continue
                     work = store_tmp / "work"
                     work.mkdir(exist_ok=True)
                     results += measure(store, size, work,
