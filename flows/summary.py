@@ -60,8 +60,8 @@ def summary_text(dvc_yaml: str = "dvc.yaml") -> str:
         "  audit       .venv/bin/saeflow audit        (which settings made which model)",
         "  Prefect UI  .venv/bin/saeflow server status  (the Prefect server's UI address, and "
         "every service in use)",
-        "  sweep       .venv/bin/dvc exp run -S train.beta=1   (or --queue, then dvc queue "
-        "start)",
+        "  sweep       .venv/bin/saeflow sweep -S train.beta=0.3,1,3,10 -S "
+        "train.rho=0.01,0.05   (on Dask; one setting: .venv/bin/dvc exp run -S train.beta=1)",
         "",
     ]
     return "\n".join(lines)
