@@ -6,25 +6,32 @@ from pathlib import Path
 from typing import Any
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """The whole params file as a dict; a missing or malformed file is a one-line ValueError."""
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document at ``path`` (``what`` names it in errors: "params file"); a
+    missing, unreadable or malformed file is a one-line ValueError."""
     import yaml
 
     p = Path(path)
     try:
         text = p.read_text()
     except FileNotFoundError:
-        raise ValueError(f"{p}: params file not found") from None
+        raise ValueError(f"{p}: {what} not found") from None
     except OSError as exc:
         raise ValueError(f"{p}: cannot read ({exc.strerror})") from None
     try:
-        params = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise ValueError(f"{p}: not valid YAML{line}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The whole params file as a dict; a missing or malformed file is a one-line ValueError."""
+    params = read_yaml(path, "params file")
     if not isinstance(params, dict):
-        raise ValueError(f"{p}: expected a mapping of sections, got {type(params).__name__}")
+        raise ValueError(f"{path}: expected a mapping of sections, got "
+                         f"{type(params).__name__}")
     return params
 
 

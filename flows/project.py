@@ -39,15 +39,10 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
 
 def pipeline_paths(dvc_yaml: str | os.PathLike = "dvc.yaml") -> dict[str, str]:
     """The ``paths`` variables of dvc.yaml (name -> path relative to the project)."""
-    import yaml
+    from flows.params import read_yaml
 
     p = Path(dvc_yaml)
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{p}: pipeline definition not found") from None
-    except yaml.YAMLError:
-        raise ValueError(f"{p}: not valid YAML") from None
+    doc = read_yaml(p, "pipeline definition")
     for entry in (doc or {}).get("vars") or []:
         if isinstance(entry, dict) and isinstance(entry.get("paths"), dict):
             return {str(k): str(v) for k, v in entry["paths"].items()}

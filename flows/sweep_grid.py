@@ -60,15 +60,10 @@ def _plain(value: Any) -> Any:
 def read_sweep_file(path: str | Path) -> list[dict[str, Any]]:
     """The points of a sweep file (YAML: a list of ``{section.key: value}`` mappings, or
     ``points:`` holding one); a missing or malformed file is a one-line ValueError."""
-    import yaml
+    from flows.params import read_yaml
 
     p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{p}: sweep file not found") from None
-    except yaml.YAMLError:
-        raise ValueError(f"{p}: not valid YAML") from None
+    doc = read_yaml(p, "sweep file")
     points = doc.get("points") if isinstance(doc, dict) else doc
     if not isinstance(points, list) or not points or not all(
             isinstance(q, dict) and q for q in points):

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from sae_core import plots, tables
+from sae_core import plots, sweep_plots, tables
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -17,7 +17,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 # determinism that `dvc repro` relies on is across processes).
 PICTURES_CODE = """
 import numpy as np
-from sae_core import plots
+from sae_core import plots, sweep_plots
 rng = np.random.default_rng(0)
 history = [
     {"iteration": t, "loss": 3.0 / (t + 1) + 0.31, "reconstruction": 0.3 + 0.01 / (t + 1),
@@ -36,7 +36,7 @@ PICTURES = {
     "pairs": lambda: plots.reconstructions_figure(
         np.linspace(0, 1, 6 * 16).reshape(6, 16), np.linspace(0.2, 0.8, 6 * 16).reshape(6, 16),
         (4, 4)),
-    "sweep": lambda: plots.sweep_figure(
+    "sweep": lambda: sweep_plots.sweep_figure(
         [0.0, 1.0, 3.0], [rh, rh / 2, np.r_[rh[:-1] / 4, 0.0]], rho=0.01,
         accuracy=[0.9, 0.95, 0.93], raw_accuracy=0.78),
 }
@@ -237,7 +237,7 @@ def test_loss_decomposition_band_of_units_and_bad_input():
 
 # ----------------------------------------------------------------------------- sweeps
 def test_sweep_summary_by_hand():
-    s = plots.sweep_summary([np.array([0.0, 1.0, 2.0, 3.0, 4.0]), np.array([0.5])])
+    s = sweep_plots.sweep_summary([np.array([0.0, 1.0, 2.0, 3.0, 4.0]), np.array([0.5])])
     np.testing.assert_array_equal(s["min"], [0.0, 0.5])
     np.testing.assert_array_equal(s["q1"], [1.0, 0.5])
     np.testing.assert_array_equal(s["median"], [2.0, 0.5])
@@ -248,7 +248,7 @@ def test_sweep_summary_by_hand():
 def test_sweep_figure_shows_spread_and_accuracy_against_the_baseline():
     values = [10.0, 1.0, 100.0]  # unsorted on purpose
     rh = [np.full(4, 0.02), np.full(4, 0.05), np.array([0.0, 0.001, 0.002, 0.003])]
-    fig = plots.sweep_figure(values, rh, name="beta", accuracy=[0.9, 0.8, 0.95],
+    fig = sweep_plots.sweep_figure(values, rh, name="beta", accuracy=[0.9, 0.8, 0.95],
                              raw_accuracy=0.78, rho=0.01)
     top, bottom = fig.axes
     assert top.get_yscale() == "log" and bottom.get_xscale() == "log"  # 1..100: log-x
@@ -262,20 +262,20 @@ def test_sweep_figure_shows_spread_and_accuracy_against_the_baseline():
     assert list(raw.get_ydata()) == [0.78, 0.78]
     assert bottom.get_xlabel() == "beta"
     # a sweep including 0 stays on a linear x axis; without accuracy there is one panel
-    (only,) = plots.sweep_figure([0, 1, 3], rh, name="l1_coefficient").axes
+    (only,) = sweep_plots.sweep_figure([0, 1, 3], rh, name="l1_coefficient").axes
     assert only.get_xscale() == "linear" and only.get_xlabel() == "l1_coefficient"
 
 
 def test_sweep_inputs_are_checked():
     rh = [np.full(3, 0.1), np.full(3, 0.2)]
     with pytest.raises(ValueError, match="rho_hat has 2 entries, values has 3"):
-        plots.sweep_figure([1, 2, 3], rh)
+        sweep_plots.sweep_figure([1, 2, 3], rh)
     with pytest.raises(ValueError, match="accuracy has 1 entries, values has 2"):
-        plots.sweep_figure([1, 2], rh, accuracy=[0.5])
+        sweep_plots.sweep_figure([1, 2], rh, accuracy=[0.5])
     with pytest.raises(ValueError, match="log_x=True needs values > 0"):
-        plots.sweep_figure([0, 2], rh, log_x=True)
+        sweep_plots.sweep_figure([0, 2], rh, log_x=True)
     with pytest.raises(ValueError, match="raw_accuracy needs accuracy"):
-        plots.sweep_figure([1, 2], rh, raw_accuracy=0.7)
+        sweep_plots.sweep_figure([1, 2], rh, raw_accuracy=0.7)
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -316,7 +316,7 @@ def test_rho_hat_csv_exact_bytes(tmp_path):
 
 
 def test_sweep_grid_figure_has_a_panel_per_metric_and_setting():
-    from sae_core.plots import sweep_grid_figure
+    from sae_core.sweep_plots import sweep_grid_figure
 
     settings = {"train.beta": [1, 1, 3, 3], "train.rho": [0.01, 0.05, 0.01, 0.05]}
     fig = sweep_grid_figure(settings, {"rho_hat_mean": [0.01, 0.05, 0.011, 0.049],

@@ -181,6 +181,16 @@ def test_an_existing_cluster_a_failing_point_and_a_second_patch_setting(project,
     assert runs[0].data.tags["saeflow.model_sha256"] != runs[2].data.tags["saeflow.model_sha256"]
 
 
+def _running_points(c, max_iter: int) -> list:
+    """The point runs of this module's project that a worker is running now, among those
+    with ``train.max_iter`` = ``max_iter`` (the test's own sweep)."""
+    exp = c.get_experiment_by_name("saeflow")
+    return exp and c.search_runs([exp.experiment_id], filter_string=(
+        "tags.`saeflow.kind` = 'point' and attributes.status = 'RUNNING' and "
+        "tags.`saeflow.worker` LIKE '%pid%' and "
+        f"params.`train.max_iter` = '{max_iter}'"))
+
+
 def test_a_worker_killed_mid_point_the_point_runs_elsewhere_and_is_recorded_once(
         project, dask_cluster):
     env = project["env"]
@@ -191,15 +201,8 @@ def test_a_worker_killed_mid_point_the_point_runs_elsewhere_and_is_recorded_once
     try:
         c = _client(project)
 
-        def running():
-            exp = c.get_experiment_by_name("saeflow")
-            return exp and c.search_runs([exp.experiment_id], filter_string=(
-                "tags.`saeflow.kind` = 'point' and attributes.status = 'RUNNING' and "
-                "tags.`saeflow.worker` LIKE '%pid%' and "
-                "params.`train.max_iter` = '60'"))
-
-        wait_for(running, 300, "a point running", proc)
-        point = running()[0]
+        wait_for(lambda: _running_points(c, 60), 300, "a point running", proc)
+        point = _running_points(c, 60)[0]
         pid = int(point.data.tags["saeflow.worker"].split(" pid ")[1])
         victim, survivor = sorted(dask_cluster["workers"], key=lambda p: p.pid != pid)
         assert victim.pid == pid
@@ -235,14 +238,7 @@ def test_ctrl_c_cancels_cleanly(project):
         stderr=subprocess.PIPE, text=True)
     c = _client(project)
     try:
-        def running():
-            exp = c.get_experiment_by_name("saeflow")
-            return exp and c.search_runs([exp.experiment_id], filter_string=(
-                "tags.`saeflow.kind` = 'point' and attributes.status = 'RUNNING' and "
-                "tags.`saeflow.worker` LIKE '%pid%' and "
-                "params.`train.max_iter` = '200'"))
-
-        wait_for(running, 300, "a point running", proc)
+        wait_for(lambda: _running_points(c, 200), 300, "a point running", proc)
         family = psutil.Process(proc.pid).children(recursive=True)
         assert family, "the local cluster's worker processes"
         proc.send_signal(signal.SIGINT)
