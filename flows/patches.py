@@ -25,20 +25,20 @@ def make_patch_store(images: str, patches: str, transform: str, settings: dict,
     from sae_core.dataset import read_dataset
     from sae_core.io import sha256_file
     from sae_core.outputs import check_paths
-    from sae_core.patch_store import PATCH_STORE, write_patch_store
-    from sae_core.patches import PatchConfig, make_patches
+    from sae_core.patch_store import PATCH_STORE
+    from sae_core.patches import PatchConfig, write_patches
     from sae_core.transform import TRANSFORM
 
     check_paths(inputs={**(inputs or {}), "images": images},
                 outputs={"patches": (patches, PATCH_STORE), "transform": (transform, TRANSFORM)})
     config = PatchConfig.from_dict(settings)
     dataset = read_dataset(images)
-    train, heldout, fitted = make_patches(dataset.images, config)
-    write_patch_store(patches, train, heldout, config.to_dict(), sha256_file(images))
+    n_train, n_heldout, fitted = write_patches(dataset.images, config, patches,
+                                               sha256_file(images))
     fitted.save(transform)
-    print(f"patches: {train.shape[0]} training and {heldout.shape[0]} held-out patches of "
-          f"{train.shape[1]} values -> {patches}; transform -> {transform}")
-    return {"n_train": int(train.shape[0]), "n_heldout": int(heldout.shape[0])}
+    print(f"patches: {n_train} training and {n_heldout} held-out patches of "
+          f"{fitted.n_features} values -> {patches}; transform -> {transform}")
+    return {"n_train": n_train, "n_heldout": n_heldout}
 
 
 patches_flow = flow(name="patches", log_prints=False, persist_result=False)(patches)

@@ -17,20 +17,25 @@ returns numpy views of the mapped values: nothing is copied or read until used.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
 import os
 import re
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sae_core.io import FileFormatError, atomic_path
 from sae_core.outputs import arrow_with_metadata
+
+if TYPE_CHECKING:
+    from sae_core.rows import RowSource
 
 STORE_FORMAT = "saeflow-patch-store"
 STORE_VERSION = 1
@@ -41,17 +46,49 @@ SPLITS = ("train", "heldout")
 _CHECK_ROWS = 1 << 16
 
 
-def _as_float32_patches(x: Any, name: str) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (n, d); got shape {arr.shape}")
-    if arr.dtype != np.float32:
-        raise ValueError(f"{name} must be float32; got {arr.dtype}")
-    arr = np.ascontiguousarray(arr)
-    for a in range(0, arr.shape[0], _CHECK_ROWS):
-        if not np.isfinite(arr[a : a + _CHECK_ROWS]).all():
+@dataclass(frozen=True)
+class PatchRows:
+    """``n_rows`` patches of ``n_features`` float32 values, produced in pieces.
+
+    ``chunks()`` yields (k, d) float32 arrays whose rows add up to n_rows. The writer calls
+    it twice (once to check and hash, once to write), so it must yield the same values each
+    time; nothing but one piece at a time need be in memory."""
+
+    n_rows: int
+    n_features: int
+    chunks: Callable[[], Iterable[np.ndarray]]
+
+    @classmethod
+    def of(cls, arr: Any, name: str) -> PatchRows:
+        """An in-memory (n, d) float32 array as PatchRows, in pieces of 65,536 rows."""
+        arr = np.asarray(arr)
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D array (n, d); got shape {arr.shape}")
+        if arr.dtype != np.float32:
+            raise ValueError(f"{name} must be float32; got {arr.dtype}")
+        arr = np.ascontiguousarray(arr)
+        n = arr.shape[0]
+        return cls(n, arr.shape[1],
+                   lambda: (arr[a : a + _CHECK_ROWS] for a in range(0, max(n, 1), _CHECK_ROWS)))
+
+
+def _checked_pieces(rows: PatchRows, name: str) -> Iterator[np.ndarray]:
+    """rows.chunks(), each piece checked (float32, (k, d), finite) and C-contiguous; the
+    row count checked at the end."""
+    seen = 0
+    for piece in rows.chunks():
+        piece = np.asarray(piece)
+        if piece.ndim != 2 or piece.shape[1] != rows.n_features or piece.dtype != np.float32:
+            raise ValueError(f"{name}: a piece of shape {piece.shape} and dtype {piece.dtype}; "
+                             f"need (k, {rows.n_features}) float32")
+        if not np.isfinite(piece).all():
             raise ValueError(f"{name} contains NaN or Inf")
-    return arr
+        seen += piece.shape[0]
+        if seen > rows.n_rows:
+            raise ValueError(f"{name}: more than the {rows.n_rows} rows announced")
+        yield np.ascontiguousarray(piece)
+    if seen != rows.n_rows:
+        raise ValueError(f"{name}: {seen} rows; {rows.n_rows} announced")
 
 
 def _patch_shape(config: dict, d: int) -> list[int]:
@@ -74,8 +111,8 @@ def _data_sha256(*arrays: np.ndarray) -> str:
 
 def write_patch_store(
     path: str | os.PathLike,
-    train: np.ndarray,
-    heldout: np.ndarray,
+    train: np.ndarray | PatchRows,
+    heldout: np.ndarray | PatchRows,
     config_dict: dict,
     source_sha256: str,
     *,
@@ -83,18 +120,27 @@ def write_patch_store(
 ) -> None:
     """Write train (n1, d) and held-out (n2, d) float32 patches to ``path``, atomically.
 
-    ``config_dict``: the PatchConfig as a dict (JSON-able; must hold ``patch_size``);
-    ``source_sha256``: 64 hex digits identifying the source images; ``patch_shape``
-    defaults to (p, p) or (p, p, C) from ``patch_size`` and d.
+    Each split is an array or :class:`PatchRows` (patches made piece by piece, for stores
+    larger than memory). ``config_dict``: the PatchConfig as a dict (JSON-able; must hold
+    ``patch_size``); ``source_sha256``: 64 hex digits identifying the source images;
+    ``patch_shape`` defaults to (p, p) or (p, p, C) from ``patch_size`` and d.
+
+    Memory: one piece at a time. A first pass checks every value and hashes them (the
+    hash goes into the schema, which comes first in the file). pyarrow then writes the
+    file from placeholder value buffers (untouched anonymous mappings, never read): the
+    file object it writes to recognises a placeholder by its address and writes the real
+    values in its place, piece by piece, hashing them again; a source that yields other
+    values the second time fails the write. The bytes equal those of pyarrow writing the
+    two record batches from memory: pyarrow lays out every byte but the values.
     """
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    train = _as_float32_patches(train, "train")
-    heldout = _as_float32_patches(heldout, "heldout")
-    d = train.shape[1]
-    if heldout.shape[1] != d:
-        raise ValueError(f"train has {d} values per patch, heldout {heldout.shape[1]}")
+    splits = [s if isinstance(s, PatchRows) else PatchRows.of(s, name)
+              for s, name in ((train, "train"), (heldout, "heldout"))]
+    d = splits[0].n_features
+    if splits[1].n_features != d:
+        raise ValueError(f"train has {d} values per patch, heldout {splits[1].n_features}")
     if d < 1:
         raise ValueError("patches must have at least one value")
     if not isinstance(config_dict, dict):
@@ -107,16 +153,17 @@ def write_patch_store(
         shape = [int(s) for s in patch_shape]
         if int(np.prod(shape)) != d:
             raise ValueError(f"patch_shape {tuple(shape)} does not hold {d} values")
+    data_sha256 = _hash_splits(splits)
     meta = {
         "format": STORE_FORMAT,
         "format_version": STORE_VERSION,
         "config": config_dict,
-        "n_train": int(train.shape[0]),
-        "n_heldout": int(heldout.shape[0]),
+        "n_train": splits[0].n_rows,
+        "n_heldout": splits[1].n_rows,
         "n_features": int(d),
         "patch_shape": shape,
         "source_sha256": source_sha256,
-        "data_sha256": _data_sha256(train, heldout),
+        "data_sha256": data_sha256,
     }
     try:
         meta_json = json.dumps(meta, sort_keys=True, allow_nan=False)
@@ -127,11 +174,100 @@ def write_patch_store(
         metadata={METADATA_KEY: meta_json.encode()},
     )
     options = ipc.IpcWriteOptions(compression=None)
-    with atomic_path(path, PATCH_STORE) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, schema, options=options) as w:
-            for arr in (train, heldout):
-                column = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), d)
+    placeholders = [_placeholder(split.n_rows * d * 4) for split in splits]
+    with atomic_path(path, PATCH_STORE) as tmp, open(tmp, "wb") as fh:
+        sink = _ValueSink(fh, [(buf, _checked_pieces(split, name)) for buf, split, name
+                               in zip(placeholders, splits, SPLITS, strict=True)])
+        with pa.PythonFile(sink, mode="w") as out, ipc.new_file(out, schema,
+                                                                options=options) as w:
+            for split, buf in zip(splits, placeholders, strict=True):
+                values = pa.Array.from_buffers(pa.float32(), split.n_rows * d, [None, buf])
+                column = pa.FixedSizeListArray.from_arrays(values, d)
                 w.write_batch(pa.record_batch([column], schema=schema))
+        sink.finish(data_sha256)
+
+
+def _hash_splits(splits: list[PatchRows]) -> str:
+    h = hashlib.sha256()
+    for split, name in zip(splits, SPLITS, strict=True):
+        for piece in _checked_pieces(split, name):
+            h.update(memoryview(piece.reshape(-1)).cast("B"))
+    return h.hexdigest()
+
+
+def _placeholder(nbytes: int):
+    """A pyarrow Buffer of nbytes that commits no memory (an anonymous read-only mapping
+    no one reads): it only gives pyarrow a length and an address to recognise."""
+    import pyarrow as pa
+
+    if nbytes == 0:
+        return pa.py_buffer(b"")
+    return pa.py_buffer(mmap.mmap(-1, nbytes, prot=mmap.PROT_READ))
+
+
+class _ValueSink:
+    """The binary file object pyarrow's IPC writer writes to: bytes pass through to
+    ``fh``, except a write from a placeholder buffer, replaced by the next bytes of that
+    split's values."""
+
+    closed = False
+
+    def __init__(self, fh, splits: list[tuple[Any, Iterator[np.ndarray]]]) -> None:
+        self.fh = fh
+        self.splits = [[buf, pieces, 0, None] for buf, pieces in splits]  # + done, leftover
+        self.position = 0
+        self.hash = hashlib.sha256()
+
+    def write(self, data) -> int:
+        import pyarrow as pa
+
+        n = data.size if isinstance(data, pa.Buffer) else memoryview(data).nbytes
+        for split in self.splits:
+            buf = split[0]
+            if isinstance(data, pa.Buffer) and n and buf.address <= data.address < (
+                    buf.address + buf.size):
+                if data.address - buf.address != split[2]:
+                    raise ValueError("pyarrow wrote the patch values out of order")
+                self._values(split, n)
+                return n
+        self.fh.write(data)
+        self.position += n
+        return n
+
+    def _values(self, split: list, n: int) -> None:
+        while n:
+            piece = split[3]
+            if piece is None or not piece.nbytes:
+                piece = memoryview(next(split[1]).reshape(-1)).cast("B")
+            take = piece[:n]
+            self.hash.update(take)
+            self.fh.write(take)
+            split[3] = piece[len(take):]
+            split[2] += len(take)
+            self.position += len(take)
+            n -= len(take)
+
+    def finish(self, data_sha256: str) -> None:
+        """Check that every value was written, and that they hash as the first pass did."""
+        for buf, pieces, done, leftover in self.splits:
+            if done != buf.size or (leftover is not None and leftover.nbytes) or any(
+                    p.size for p in pieces):
+                raise ValueError("pyarrow did not write the patch values from the buffers "
+                                 "given to it")
+        if self.hash.hexdigest() != data_sha256:
+            raise ValueError("the patches changed between the two passes over them")
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,6 +281,10 @@ class PatchStore:
     metadata: dict
     buffer: Any
     """The mapped file as a pyarrow Buffer (the arrays point into it)."""
+    mapping: Any = None
+    """The :class:`mmap.mmap` behind ``buffer`` (private, never written)."""
+    inode: int | None = None
+    """The mapped file's inode number."""
 
     @property
     def config(self) -> dict:
@@ -170,6 +310,45 @@ class PatchStore:
         if name not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}; got {name!r}")
         return self.train if name == "train" else self.heldout
+
+    def rows(self, split: str = "train") -> RowSource:
+        """The split as a :class:`~sae_core.rows.RowSource` that can hand back the pages
+        it read (streamed training of stores larger than memory)."""
+        from sae_core.rows import RowSource
+
+        arr = self.split(split)
+        start = arr.__array_interface__["data"][0] - self.buffer.address if arr.size else 0
+        return RowSource(arr, release=lambda: self._release(arr), name=f"{self.path} ({split})",
+                         read=functools.partial(self._read_rows, start, arr.strides[0]))
+
+    def _read_rows(self, offset: int, row_bytes: int, start: int, stop: int,
+                   out: np.ndarray) -> None:
+        """Rows [start, stop) of the split at byte ``offset`` into ``out`` (C-contiguous
+        float32), by reading the file: the page cache serves it, nothing is mapped. The
+        file is opened by path each time (a store replaced since is refused: its inode
+        differs from the mapped one)."""
+        view = memoryview(out).cast("B")
+        with open(self.path, "rb", buffering=0) as fh:
+            if os.fstat(fh.fileno()).st_ino != self.inode:
+                raise FileFormatError(f"{self.path}: replaced while it was being read")
+            pos = offset + start * row_bytes
+            end = offset + stop * row_bytes
+            while pos < end:
+                got = os.preadv(fh.fileno(), [view[pos - offset - start * row_bytes :]], pos)
+                if got == 0:
+                    raise FileFormatError(f"{self.path}: ends before its rows do")
+                pos += got
+
+    def _release(self, arr: np.ndarray) -> None:
+        """Unmap the resident pages of ``arr``'s part of the file. Safe only because the
+        mapping is private and never written: the next read maps the pages again from
+        the page cache (or the file), with the same bytes."""
+        if self.mapping is None or arr.size == 0:
+            return
+        start = arr.__array_interface__["data"][0] - self.buffer.address
+        first = start - start % mmap.PAGESIZE
+        end = min(start + arr.nbytes, len(self.mapping))
+        self.mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def as_torch(self, split: str = "train"):
         """The split as a CPU torch tensor sharing the mapped memory (torch.from_numpy).
@@ -205,6 +384,7 @@ def read_patch_store(path: str | os.PathLike, *, verify: bool = False) -> PatchS
     try:
         with open(p, "rb") as fh:
             mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            inode = os.fstat(fh.fileno()).st_ino
         buf = pa.py_buffer(mapped)
         reader = ipc.open_file(buf)
         schema = reader.schema
@@ -244,7 +424,8 @@ def read_patch_store(path: str | os.PathLike, *, verify: bool = False) -> PatchS
         raise _fail(p, f"{type(exc).__name__}: {exc}") from None
     if verify and _data_sha256(train, heldout) != meta.get("data_sha256"):
         raise _fail(p, "the values' sha256 differs from the one in its metadata")
-    return PatchStore(path=p, train=train, heldout=heldout, metadata=meta, buffer=buf)
+    return PatchStore(path=p, train=train, heldout=heldout, metadata=meta, buffer=buf,
+                      mapping=mapped, inode=inode)
 
 
 def _rows(batches: list, start: int, stop: int, d: int) -> np.ndarray:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,9 @@ from sae_core.config import invalid_setting, is_int, is_real
 from sae_core.transform import (
     CONTRAST_EPS_DEFAULT,
     NORMALISATIONS,
+    Blocks,
     PatchTransform,
+    array_blocks,
     row_chunks,
 )
 
@@ -354,10 +358,11 @@ def _fill_table(table: np.ndarray, img: np.ndarray, p: int) -> None:
 
 
 def split_heldout(
-    n: int, heldout_fraction: float, seed: int
+    n: int, heldout_fraction: float, seed: int, chunk: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train / held-out split of n rows: round(n * heldout_fraction) held-out rows
-    chosen at random (stream ``default_rng([seed, 1])``, independent of the sampling's).
+    chosen at random (stream ``default_rng([seed, 1])``, independent of the sampling's;
+    ``[seed, 1, chunk]`` for the later chunks of :func:`raw_patch_chunks`).
     Returns (train_rows, heldout_rows), each sorted ascending (int64)."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1); got {heldout_fraction!r}")
@@ -368,7 +373,7 @@ def split_heldout(
         raise ValueError(
             f"heldout_fraction {heldout_fraction} of {n} patches leaves no training patches"
         )
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, 1] if chunk == 0 else [seed, 1, chunk])
     held = np.sort(rng.choice(n, size=n_held, replace=False)).astype(np.int64)
     mask = np.ones(n, dtype=bool)
     mask[held] = False
@@ -455,41 +460,128 @@ class PatchConfig:
 
 
 # ================================================================================ recipe
+CHUNK_PATCHES = 1 << 18
+"""Random sampling draws, splits and writes patches this many at a time (chunk j > 0
+from its own streams, ``[seed, 2, j]`` and ``[seed, 1, j]``), so memory does not grow
+with ``n_patches``; up to this many, the patches are those of one draw from ``seed``."""
+
+
+def raw_patch_chunks(
+    images: Sequence[np.ndarray], config: PatchConfig
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Raw (un-normalised) float32 patches of already whitened images, as (train rows,
+    held-out rows) per chunk of :data:`CHUNK_PATCHES` draws ('random'), or one chunk
+    holding every patch of the grid ('dense')."""
+    p = config.patch_size
+    if config.sampling == "dense":
+        parts = [extract_dense(img, p, config.stride, dtype=np.float32) for img in images]
+        chunks = [parts[0] if len(parts) == 1 else np.concatenate(parts)]
+        del parts
+        bounds = [(0, chunks[0].shape[0])]
+    else:
+        n = config.n_patches
+        bounds = [(a, min(n, a + CHUNK_PATCHES)) for a in range(0, n, CHUNK_PATCHES)]
+    for j, (a, b) in enumerate(bounds):
+        if config.sampling == "dense":
+            raw = chunks.pop()
+        else:
+            seed = config.seed if j == 0 else [config.seed, 2, j]
+            raw = sample_random_patches(images, b - a, p, seed, dtype=np.float32)
+        train_rows, held_rows = split_heldout(raw.shape[0], config.heldout_fraction,
+                                              config.seed, chunk=j)
+        heldout = raw[held_rows]
+        if held_rows.size:
+            # move the training rows forward in place (train_rows[k] >= k, ascending)
+            for lo, hi in row_chunks(train_rows.size):
+                raw[lo:hi] = raw[train_rows[lo:hi]]
+        yield raw[: train_rows.size], heldout
+        del raw, heldout
+
+
+def _prepared(images: Sequence[np.ndarray], config: PatchConfig | None) -> tuple[
+        PatchConfig, list[np.ndarray]]:
+    cfg = PatchConfig() if config is None else config
+    if not isinstance(cfg, PatchConfig):
+        raise TypeError(f"config must be a PatchConfig; got {type(cfg).__name__}")
+    imgs = check_images(images, cfg.patch_size)
+    return cfg, whiten_images(imgs, cfg.whitening)
+
+
+def _fit_transform(blocks, m: int, d: int, cfg: PatchConfig) -> PatchTransform:
+    return PatchTransform.fit_blocks(blocks, m, d, cfg.normalisation, zca=cfg.zca,
+                                     zca_epsilon=cfg.zca_epsilon, contrast_eps=cfg.contrast_eps)
+
+
 def make_patches(
     images: Sequence[np.ndarray], config: PatchConfig | None = None
 ) -> tuple[np.ndarray, np.ndarray, PatchTransform]:
-    """Images -> (train (m1, d) float32, heldout (m2, d) float32, fitted PatchTransform).
+    """Images -> (train (m1, d) float32, heldout (m2, d) float32, fitted PatchTransform),
+    in memory.
 
     Per-image whitening -> sampling -> seeded split -> normalisation (+ ZCA) fitted on the
     training patches -> applied to both. With the default config the training set is the
     exercise's (:func:`natural_patches` on the same images, to float32 rounding).
+    :func:`write_patches` makes the same patches straight into a patch store, with
+    memory bounded whatever their number.
     """
-    cfg = PatchConfig() if config is None else config
-    if not isinstance(cfg, PatchConfig):
-        raise TypeError(f"config must be a PatchConfig; got {type(cfg).__name__}")
-    p = cfg.patch_size
-    imgs = check_images(images, p)
-    imgs = whiten_images(imgs, cfg.whitening)
-    if cfg.sampling == "random":
-        raw = sample_random_patches(imgs, cfg.n_patches, p, cfg.seed, dtype=np.float32)
-    else:
-        parts = [extract_dense(img, p, cfg.stride, dtype=np.float32) for img in imgs]
-        raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        del parts
+    cfg, imgs = _prepared(images, config)
+    chunks = list(raw_patch_chunks(imgs, cfg))
     del imgs
-    m = raw.shape[0]
-    train_rows, held_rows = split_heldout(m, cfg.heldout_fraction, cfg.seed)
-    heldout = raw[held_rows]
-    if held_rows.size:
-        # move the training rows forward in place (train_rows[k] >= k, ascending)
-        for a, b in row_chunks(train_rows.size):
-            raw[a:b] = raw[train_rows[a:b]]
-    train = raw[: train_rows.size]
-    del train_rows, held_rows
-    transform = PatchTransform.fit(
-        train, cfg.normalisation, zca=cfg.zca, zca_epsilon=cfg.zca_epsilon,
-        contrast_eps=cfg.contrast_eps,
-    )
+    if len(chunks) == 1:
+        train, heldout = chunks[0]
+    else:
+        train = np.concatenate([c[0] for c in chunks])
+        heldout = np.concatenate([c[1] for c in chunks])
+    del chunks
+    transform = _fit_transform(array_blocks(train), train.shape[0], train.shape[1], cfg)
     transform.apply(train, out=train)
     transform.apply(heldout, out=heldout)
     return train, heldout, transform
+
+
+def write_patches(
+    images: Sequence[np.ndarray], config: PatchConfig, path: str | os.PathLike,
+    source_sha256: str,
+) -> tuple[int, int, PatchTransform]:
+    """The patches of :func:`make_patches`, byte for byte, written to the patch store
+    ``path`` (:func:`sae_core.patch_store.write_patch_store`) with memory bounded by one
+    chunk of :data:`CHUNK_PATCHES` ('random'; 'dense' holds its grid in memory) and
+    independent of ``n_patches``. Returns (n_train, n_heldout, the fitted transform).
+
+    The raw patches go to two temporary files beside ``path`` (read back with plain reads,
+    which leave nothing resident), the transform is fitted on the training file, and the
+    store is written from both files, transformed block by block."""
+    from sae_core.patch_store import PatchRows, write_patch_store
+
+    cfg, imgs = _prepared(images, config)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
+        files = [Path(tmp) / "train.f32", Path(tmp) / "heldout.f32"]
+        counts, d = [0, 0], None
+        with open(files[0], "wb") as tr, open(files[1], "wb") as he:
+            for train, heldout in raw_patch_chunks(imgs, cfg):
+                d = train.shape[1]
+                for fh, part, i in ((tr, train, 0), (he, heldout, 1)):
+                    part.tofile(fh)
+                    counts[i] += part.shape[0]
+        del imgs
+        blocks = [_file_blocks(f, n, d) for f, n in zip(files, counts, strict=True)]
+        transform = _fit_transform(blocks[0], counts[0], d, cfg)
+
+        def transformed(raw: Blocks) -> Blocks:
+            return lambda: (transform.apply(block) for block in raw())
+
+        write_patch_store(target, *(PatchRows(n, d, transformed(b))
+                                    for n, b in zip(counts, blocks, strict=True)),
+                          cfg.to_dict(), source_sha256)
+    return counts[0], counts[1], transform
+
+
+def _file_blocks(path: Path, m: int, d: int) -> Blocks:
+    """The (m, d) float32 rows of a raw file as blocks of :func:`row_chunks`."""
+    def blocks() -> Iterator[np.ndarray]:
+        with open(path, "rb") as fh:
+            for a, b in row_chunks(m):
+                yield np.fromfile(fh, dtype=np.float32, count=(b - a) * d).reshape(b - a, d)
+    return blocks

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,24 +102,34 @@ class ZCA:
 def fit_zca(patches: np.ndarray, epsilon: float = 0.1) -> ZCA:
     """Fit :class:`ZCA` whitening on patches (m, d); float64 arithmetic, chunked."""
     x = _as_patches(patches)
-    return _fit_zca(x, lambda chunk: chunk, epsilon)
+    return _fit_zca(array_blocks(x), x.shape[0], lambda chunk: chunk, epsilon)
 
 
-def _fit_zca(x: np.ndarray, stage: Callable[[np.ndarray], np.ndarray], epsilon: float) -> ZCA:
+Blocks = Callable[[], Iterable[np.ndarray]]
+"""Patches in row blocks, in order: each call starts again from the first block."""
+
+
+def array_blocks(x: np.ndarray) -> Blocks:
+    """An (m, d) array as :data:`Blocks` of :func:`row_chunks`."""
+    return lambda: (x[a:b] for a, b in row_chunks(x.shape[0]))
+
+
+def _fit_zca(blocks: Blocks, m: int, stage: Callable[[np.ndarray], np.ndarray],
+             epsilon: float) -> ZCA:
     if not (is_real(epsilon) and epsilon > 0):
         raise ValueError(f"zca epsilon must be a number > 0; got {epsilon!r}")
-    m, d = x.shape
     if m < 2:
         raise ValueError(f"ZCA needs at least 2 patches; got {m}")
-    total = np.zeros(d)
-    for a, b in row_chunks(m):
-        total += stage(x[a:b].astype(np.float64)).sum(axis=0)
+    total = None
+    for block in blocks():
+        part = stage(block.astype(np.float64)).sum(axis=0)
+        total = part if total is None else total + part
     mean = total / m
-    cov = np.zeros((d, d))
-    for a, b in row_chunks(m):
-        xc = stage(x[a:b].astype(np.float64))
+    cov = None
+    for block in blocks():
+        xc = stage(block.astype(np.float64))
         xc -= mean
-        cov += xc.T @ xc
+        cov = xc.T @ xc if cov is None else cov + xc.T @ xc
     cov /= m
     s, u = np.linalg.eigh(cov)
     s = np.clip(s, 0.0, None)
@@ -186,14 +196,30 @@ class PatchTransform:
         contrast_eps: float = CONTRAST_EPS_DEFAULT,
     ) -> PatchTransform:
         """Fit on training patches (m, d) (any float dtype; float64 arithmetic, chunked)."""
+        x = _as_patches(patches)
+        return cls.fit_blocks(array_blocks(x), x.shape[0], x.shape[1], normalisation, zca=zca,
+                              zca_epsilon=zca_epsilon, contrast_eps=contrast_eps)
+
+    @classmethod
+    def fit_blocks(
+        cls,
+        blocks: Blocks,
+        m: int,
+        d: int,
+        normalisation: str = "ufldl",
+        *,
+        zca: bool = False,
+        zca_epsilon: float = 0.1,
+        contrast_eps: float = CONTRAST_EPS_DEFAULT,
+    ) -> PatchTransform:
+        """:meth:`fit` on m training patches of d values given block by block (patches
+        larger than memory); the same blocks as :func:`row_chunks` give the same bytes."""
         if normalisation not in NORMALISATIONS:
             raise ValueError(
                 f"normalisation must be one of {NORMALISATIONS}; got {normalisation!r}"
             )
         if not (is_real(contrast_eps) and contrast_eps > 0):
             raise ValueError(f"contrast_eps must be a number > 0; got {contrast_eps!r}")
-        x = _as_patches(patches)
-        m, d = x.shape
         if m < 1:
             raise ValueError("cannot fit a PatchTransform on 0 patches")
         eps = float(contrast_eps)
@@ -201,13 +227,13 @@ class PatchTransform:
         def stage1(chunk: np.ndarray) -> np.ndarray:
             return _per_patch(chunk, normalisation, eps)
 
-        z = _fit_zca(x, stage1, zca_epsilon) if zca else None
+        z = _fit_zca(blocks, m, stage1, zca_epsilon) if zca else None
         fields: dict[str, Any] = {}
         if normalisation in ("ufldl", "minmax"):
             count, mean, m2 = 0, 0.0, 0.0
             lo, hi = math.inf, -math.inf
-            for a, b in row_chunks(m):
-                y = stage1(x[a:b].astype(np.float64))
+            for block in blocks():
+                y = stage1(block.astype(np.float64))
                 if z is not None:
                     y = (y - z.mean) @ z.matrix
                 if normalisation == "minmax":
