@@ -144,7 +144,7 @@ def _compute(job: PointJob, tmp: Path) -> tuple[Any, dict, dict[str, Path]]:
                       "rho_hat.csv", "loss.png", "reconstructions.png"))) for name in names}
     for f in files.values():
         f.parent.mkdir(exist_ok=True)
-    sae = SparseAutoencoder(**p["train"]).fit(store.train)
+    sae = SparseAutoencoder(**p["train"]).fit(store.rows("train"))
     sae.save(tmp / "model")
     write_loss_csv(files["loss.csv"], sae.history_)
     last = sae.history_[-1]

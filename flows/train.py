@@ -84,7 +84,8 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
         else (None, {})
     with tracking.failed_on_error(c, run_id), compute_timer("train") as timer:
         sae = SparseAutoencoder(**cfg, callbacks=[_Progress(config.max_iter)])
-        sae.fit(store.train)
+        # a RowSource: Adam streams it when it exceeds train.memory_budget (train.loader)
+        sae.fit(store.rows("train"))
         sae.callbacks = None
         sae.save(model)
     with tracking.failed_on_error(c, run_id):

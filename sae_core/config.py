@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -21,6 +22,23 @@ FIRE_THRESHOLD = 1e-3
 PENALTIES = ("kl", "l1", "topk")
 SOLVERS = ("lbfgs", "adam")
 DTYPES = ("float32", "float64")
+PRECISIONS = ("full", "tf32", "bf16")
+LOADERS = ("auto", "memory", "stream")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Any) -> int | None:
+    """A size as bytes: an integer, or a string such as '4GiB', '512 MB', '2e9'; None if
+    it is neither (the caller reports it)."""
+    if is_int(value):
+        return int(value) if value >= 0 else None
+    if not isinstance(value, str):
+        return None
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*", value.lower())
+    if m is None or m.group(2) not in _UNITS:
+        return None
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def invalid_setting(name: str, allowed: str, value: Any, owner: str = "") -> NoReturn:
@@ -100,6 +118,19 @@ class SAEConfig:
     """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     random_state: int | None = 0
     """Seed of the initial weights and of the mini-batch order; None draws a fresh seed."""
+    precision: str = "full"
+    """Matrix products in the full precision of ``dtype`` ('full'), or, on a GPU, in TF32
+    ('tf32': float32 storage, 10-bit mantissa products, compute capability >= 8.0), or
+    under bfloat16 autocast ('bf16', Adam only: products and activations in bfloat16,
+    parameters, Adam state and loss sums in float32). Both need dtype='float32'; see
+    :mod:`sae_core.device` for the checks and the tolerances against 'full'."""
+    loader: str = "auto"
+    """Adam's data path: 'memory' (the whole X on the device, gathered per batch),
+    'stream' (batches gathered from X where it lies, e.g. a memory-mapped patch store,
+    by a reader thread, a window ahead) or 'auto' (stream when X at ``dtype`` exceeds
+    ``memory_budget``). Both give the same model for the same seed."""
+    memory_budget: int | str = "4GiB"
+    """'auto' streams data larger than this: bytes, or a string such as '4GiB' or '500MB'."""
 
     def __post_init__(self) -> None:
         if not is_int(self.n_components) or self.n_components < 1:
@@ -142,6 +173,22 @@ class SAEConfig:
             or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             invalid_setting("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        if self.precision not in PRECISIONS:
+            invalid_setting("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        if self.precision != "full" and self.dtype != "float32":
+            invalid_setting("precision", "'full' unless dtype='float32'", self.precision)
+        if self.precision == "bf16" and self.solver != "adam":
+            # a line search compares losses that bfloat16 rounding makes noisy
+            invalid_setting("precision", "'full' or 'tf32' unless solver='adam' (bfloat16 "
+                            "losses are too noisy for the L-BFGS line search)", self.precision)
+        if self.loader not in LOADERS:
+            invalid_setting("loader", f"one of {', '.join(LOADERS)}", self.loader)
+        if self.loader == "stream" and self.solver != "adam":
+            invalid_setting("loader", "'auto' or 'memory' unless solver='adam' (L-BFGS "
+                            "needs the whole batch at every step)", self.loader)
+        if parse_bytes(self.memory_budget) is None:
+            invalid_setting("memory_budget", "bytes >= 0, or a size such as '4GiB'",
+                            self.memory_budget)
         if self.random_state is not None and (
             not is_int(self.random_state) or self.random_state < 0
         ):
@@ -159,6 +206,10 @@ class SAEConfig:
     def effective_k(self) -> int:
         """k for TopK: the configured value, or n_components // 5 (at least 1)."""
         return self.k if self.k is not None else max(1, self.n_components // 5)
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return parse_bytes(self.memory_budget)
 
     @property
     def sigmoid_output(self) -> bool:

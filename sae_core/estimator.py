@@ -14,6 +14,7 @@ from sae_core import io
 from sae_core import model as M
 from sae_core.config import SAEConfig
 from sae_core.device import resolve_device, resolve_dtype, to_tensor
+from sae_core.rows import RowSource
 from sae_core.train import CheckpointCallback, Trainer
 
 _TRANSFORM_BATCH = 65_536
@@ -67,6 +68,13 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     device : str, default="auto"
         "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N".
     random_state : int or None, default=0
+    precision : {"full", "tf32", "bf16"}, default="full"
+        Matrix-product precision (TF32 and bf16: GPU; bf16 with Adam only).
+    loader : {"auto", "memory", "stream"}, default="auto"
+        Adam's data path: X on the device, or batches streamed from where X lies (a
+        memory-mapped patch store, :meth:`sae_core.patch_store.PatchStore.rows`);
+        "auto" streams when X exceeds ``memory_budget``. Same model either way.
+    memory_budget : int or str, default="4GiB"
     checkpoint_path : str or None, default=None
         If set, the fit state is written there every ``checkpoint_every`` iterations, and
         a later ``fit`` with the same settings and data resumes from it.
@@ -122,6 +130,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         dtype: str = "float32",
         device: str = "auto",
         random_state: int | None = 0,
+        precision: str = "full",
+        loader: str = "auto",
+        memory_budget: int | str = "4GiB",
         checkpoint_path: str | None = None,
         checkpoint_every: int = 50,
         callbacks: list | None = None,
@@ -145,6 +156,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.dtype = dtype
         self.device = device
         self.random_state = random_state
+        self.precision = precision
+        self.loader = loader
+        self.memory_budget = memory_budget
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
         self.callbacks = callbacks
@@ -188,12 +202,38 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self._trainer = trainer
 
     # ------------------------------------------------------------------ fitting
+    def _validated_rows(self, rows: RowSource, config: SAEConfig) -> RowSource:
+        """The checks of :meth:`_validated` on a RowSource, block by block (its pages
+        released as it goes), so that data larger than memory is checked too."""
+        if rows.array.dtype not in (np.float32, np.float64):
+            raise ValueError(f"{rows.name} must be float32 or float64; got {rows.array.dtype}")
+        if rows.shape[0] < 1:
+            raise ValueError(f"{rows.name} has no rows")
+        lo, hi = np.inf, -np.inf
+        for block in rows.blocks():
+            if not np.isfinite(block).all():
+                raise ValueError(f"{rows.name} contains NaN or Inf")
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+        if config.sigmoid_output and (lo < 0.0 or hi > 1.0):
+            raise ValueError(f"{rows.name} must lie in [0, 1] for penalty='kl' (sigmoid output "
+                             f"units); got values in [{lo:.6g}, {hi:.6g}]: rescale it first")
+        self.n_features_in_ = rows.shape[1]
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        return rows
+
     def fit(self, X, y=None) -> SparseAutoencoder:
-        """Fit on X (n_samples, n_features); ``y`` is ignored. Returns self."""
+        """Fit on X (n_samples, n_features); ``y`` is ignored. Returns self.
+
+        X may be a :class:`~sae_core.rows.RowSource` (a memory-mapped patch store's
+        ``rows()``): Adam then streams it when ``loader`` says so."""
         config = self._config()
-        X = self._validated(X, reset=True, config=config)
+        if isinstance(X, RowSource):
+            X = self._validated_rows(X, config)
+        else:
+            X = self._validated(X, reset=True, config=config)
         trainer = self._make_trainer(config, X.shape[1])
-        data = trainer.as_data(X)
+        data = trainer.data_for(X)
         if self.checkpoint_path is not None and Path(self.checkpoint_path).exists():
             trainer.resume_from(self.checkpoint_path, fingerprint=trainer.fingerprint_of(data))
         if config.solver == "lbfgs":

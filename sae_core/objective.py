@@ -24,6 +24,7 @@ import torch
 from sae_core import model as M
 from sae_core import penalties as P
 from sae_core.config import FIRE_THRESHOLD, SAEConfig
+from sae_core.device import bf16_autocast
 
 
 class Evaluation(NamedTuple):
@@ -108,7 +109,8 @@ class AutogradObjective:
                 p = M.unpack(th, X.shape[1], self.config.n_components)
                 A0 = M.encode(p, X, "topk", self.config.effective_k)
                 dead = ~(A0 > FIRE_THRESHOLD).any(dim=0)
-        terms, A = loss_terms(th, X, self.config, dead)
+        with bf16_autocast(self.config.precision, X.device):
+            terms, A = loss_terms(th, X, self.config, dead)
         terms.total.backward()
         stacked = torch.stack(
             [terms.reconstruction, terms.weight_decay, terms.sparsity, terms.auxiliary]
@@ -453,7 +455,8 @@ class FusedKLObjective:
 
 def make_objective(config: SAEConfig, workers: int = 1) -> AutogradObjective | FusedKLObjective:
     """The fastest exact objective for ``config``: fused for KL (evaluated on ``workers``
-    threads), autograd otherwise."""
-    if config.penalty == "kl":
+    threads), autograd otherwise (and under bf16 autocast, which the fused kernels'
+    preallocated float32 buffers do not take)."""
+    if config.penalty == "kl" and config.precision != "bf16":
         return FusedKLObjective(config, workers=workers)
     return AutogradObjective(config)

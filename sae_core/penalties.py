@@ -70,15 +70,15 @@ def auxk_loss(
         e_hat = D relu(topk_aux(z restricted to dead units)),   L = ||e - e_hat||^2 / ||e||^2
 
     residual (m, n), Z (m, s), decoder D (n, s), dead a bool mask (s,). 0 with no dead unit.
+
+    Shapes never depend on how many latents are dead (the top min(aux_k, s) are taken;
+    live latents, at -inf, come out as 0), so nothing here waits for the device.
     """
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return Z.new_zeros((), dtype=torch.float64)
-    k = min(aux_k, n_dead)
     masked = Z.masked_fill(~dead, float("-inf"))
-    values, indices = torch.topk(masked, k, dim=1, sorted=False)
+    values, indices = torch.topk(masked, min(aux_k, Z.shape[1]), dim=1, sorted=False)
     codes = torch.zeros_like(Z).scatter_(1, indices, torch.relu(values))
     e = residual.detach()
     e_hat = codes @ decoder.t()
     f64 = torch.float64
-    return ((e - e_hat) ** 2).sum(dtype=f64) / (e * e).sum(dtype=f64).clamp_min(1e-12)
+    loss = ((e - e_hat) ** 2).sum(dtype=f64) / (e * e).sum(dtype=f64).clamp_min(1e-12)
+    return loss * dead.any()  # 0 with no dead latent

@@ -21,12 +21,14 @@ import numpy as np
 import torch
 
 from sae_core import io
+from sae_core.batches import InMemoryBatches, StreamedBatches, epoch_order
 from sae_core.config import SAEConfig
-from sae_core.device import resolve_device, resolve_dtype
+from sae_core.device import check_precision, matmul_precision, resolve_device, resolve_dtype
 from sae_core.lbfgs import LBFGS, LBFGSState
 from sae_core.model import init_theta
 from sae_core.objective import TERM_NAMES, Evaluation, make_objective
 from sae_core.outputs import safetensors_with
+from sae_core.rows import RowSource
 
 CHECKPOINT = safetensors_with("a saeflow training checkpoint",
                               lambda meta: "fingerprint" in meta and "iteration" in meta)
@@ -66,9 +68,16 @@ class CheckpointCallback(Callback):
         trainer.save_checkpoint(self.path)
 
 
-def data_fingerprint(X: torch.Tensor) -> str:
+def data_fingerprint(X: torch.Tensor | RowSource, dtype: torch.dtype | None = None) -> str:
     """sha256 of the training data's shape, dtype and bytes (checks that a resume uses
-    the data the checkpoint was written for)."""
+    the data the checkpoint was written for). A RowSource is read block by block, as
+    ``dtype``: the same data give the same fingerprint streamed or in memory."""
+    if isinstance(X, RowSource):
+        np_dtype = torch.tensor([], dtype=dtype).numpy().dtype
+        h = hashlib.sha256(f"{X.shape}{np_dtype}".encode())
+        for block in X.blocks():
+            h.update(np.ascontiguousarray(block, dtype=np_dtype).tobytes())
+        return h.hexdigest()
     arr = X.detach().cpu().contiguous().numpy()
     h = hashlib.sha256(f"{arr.shape}{arr.dtype}".encode())
     h.update(arr.tobytes())
@@ -120,6 +129,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype)
+        check_precision(config.precision, self.device)
         seed = config.random_state
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -174,9 +184,9 @@ class Trainer:
     def fingerprint_of(self, X: torch.Tensor) -> str:
         """:func:`data_fingerprint` of X, remembered for the last tensor seen, so a resume
         check and the fit that follows hash the data once."""
-        key = (id(X), X._version)
+        key = (id(X), getattr(X, "_version", 0))
         if self._fingerprint_memo is None or self._fingerprint_memo[0] != key:
-            self._fingerprint_memo = (key, data_fingerprint(X))
+            self._fingerprint_memo = (key, data_fingerprint(X, self.dtype))
         return self._fingerprint_memo[1]
 
     def _check_data(self, X: torch.Tensor) -> None:
@@ -224,6 +234,11 @@ class Trainer:
         cfg = self.config
 
         solver = LBFGS(evaluate, history=cfg.lbfgs_history, tol=cfg.tol)
+        with matmul_precision(cfg.precision, self.device):
+            self._lbfgs_loop(solver)
+
+    def _lbfgs_loop(self, solver: LBFGS) -> None:
+        cfg = self.config
         for cb in self.callbacks:
             cb.on_fit_start(self)
         if self._lbfgs is None:
@@ -252,61 +267,102 @@ class Trainer:
     def _ensure_adam(self) -> torch.optim.Adam:
         if self._adam is None:
             self._adam_param = self.theta.clone().requires_grad_(True)
-            self._adam = torch.optim.Adam([self._adam_param], lr=self.config.learning_rate)
+            # fused: one kernel for the whole update on a GPU (the CPU keeps the
+            # reference implementation, and its bytes)
+            self._adam = torch.optim.Adam([self._adam_param], lr=self.config.learning_rate,
+                                          fused=self.device.type == "cuda")
         return self._adam
 
-    def fit_adam(self, X: torch.Tensor, epochs: int | None = None) -> None:
+    def fit_adam(self, X: torch.Tensor | RowSource, epochs: int | None = None) -> None:
         """Mini-batch Adam on X (m, n): ``epochs`` more epochs, or up to ``config.max_iter``.
 
-        Each epoch visits the examples in a fresh seeded random order. The KL term uses
-        each mini-batch's own rho_hat. AuxK (TopK) counts a latent dead once it has not
-        fired on ``config.dead_window`` consecutive training examples.
+        X is a tensor on the device (:meth:`as_data`) or a :class:`RowSource` whose batches
+        are streamed (:class:`sae_core.batches.StreamedBatches`); the same seed gives the
+        same model from either. Each epoch visits the examples in a fresh seeded random
+        order (:func:`sae_core.batches.epoch_order`: a uniform permutation up to 256 MB
+        of data, a windowed one beyond). The KL term uses each mini-batch's own rho_hat.
+        AuxK (TopK) counts a latent dead once it has not fired on ``config.dead_window``
+        consecutive training examples.
+
+        Nothing in the loop over batches waits for the device: the loss sums, the first
+        non-finite batch and the AuxK firing counts stay on the device, and are read once
+        per epoch (a divergence is reported at the end of the epoch it happened in).
         """
         cfg = self.config
+        if isinstance(X, RowSource):
+            batches = StreamedBatches(X, self.device, self.dtype)
+        else:
+            batches = InMemoryBatches(X)
         if self.fingerprint_data:
             self.fingerprint = self.fingerprint_of(X)
         adam = self._ensure_adam()
         param = self._adam_param
-        m = X.shape[0]
+        m = batches.shape[0]
         target = self.iteration + epochs if epochs is not None else cfg.max_iter
         use_dead = cfg.penalty == "topk" and cfg.aux_k is not None
+        since_fired = self._since_fired.to(self.device)
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        while self.iteration < target:
-            gen = torch.Generator()
-            gen.set_state(self._rng_state)
-            order = torch.randperm(m, generator=gen).to(self.device)
-            self._rng_state = gen.get_state()
-            sums = torch.zeros(len(TERM_NAMES), dtype=torch.float64, device=self.device)
-            for start in range(0, m, cfg.batch_size):
-                batch = X[order[start : start + cfg.batch_size]]
-                dead = None
-                if use_dead:
-                    dead = (self._since_fired >= cfg.dead_window).to(self.device)
-                ev = self._objective(param.detach(), batch, dead)
-                if not torch.isfinite(ev.loss):
+        with matmul_precision(cfg.precision, self.device):
+            while self.iteration < target:
+                order, self._rng_state = epoch_order(self._rng_state, m, batches.shape[1])
+                sums = torch.zeros(len(TERM_NAMES), dtype=torch.float64, device=self.device)
+                first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+                bad_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+                start = 0
+                for batch in batches.epoch(order, cfg.batch_size):
+                    dead = (since_fired >= cfg.dead_window) if use_dead else None
+                    ev = self._objective(param.detach(), batch, dead)
+                    bad = ~torch.isfinite(ev.loss) & (first_bad < 0)
+                    first_bad = torch.where(bad, start, first_bad)
+                    bad_loss = torch.where(bad, ev.loss.double(), bad_loss)
+                    param.grad = ev.grad
+                    adam.step()
+                    sums += ev.terms.double() * batch.shape[0]
+                    if use_dead and ev.fired is not None:
+                        since_fired = torch.where(ev.fired, 0, since_fired + batch.shape[0])
+                    start += batch.shape[0]
+                bad_at = int(first_bad)
+                if bad_at >= 0:
                     raise TrainingDivergedError(
-                        f"loss became {float(ev.loss)} in epoch {self.iteration + 1} at "
-                        f"example {start}; lower learning_rate (now {cfg.learning_rate:g})"
+                        f"loss became {float(bad_loss)} in epoch {self.iteration + 1} at "
+                        f"example {bad_at}; lower learning_rate (now {cfg.learning_rate:g})"
                     )
-                param.grad = ev.grad
-                adam.step()
-                sums += ev.terms.double() * batch.shape[0]
-                if use_dead and ev.fired is not None:
-                    fired = ev.fired.cpu()
-                    self._since_fired += batch.shape[0]
-                    self._since_fired[fired] = 0
-            self.iteration += 1
-            self.theta = param.detach().clone()
-            self._record(sums / m)
-            for cb in self.callbacks:
-                cb.on_iteration_end(self)
+                self.iteration += 1
+                self.theta = param.detach().clone()
+                self._since_fired = since_fired.cpu()
+                self._record(sums / m)
+                for cb in self.callbacks:
+                    cb.on_iteration_end(self)
         for cb in self.callbacks:
             cb.on_fit_end(self)
 
-    def fit(self, X: np.ndarray | torch.Tensor) -> Trainer:
+    def data_for(self, X: np.ndarray | torch.Tensor | RowSource) -> torch.Tensor | RowSource:
+        """X as the fit takes it: a RowSource to stream from, or a tensor on the device.
+
+        ``config.loader`` 'stream' streams, 'memory' loads; 'auto' streams (Adam only) when
+        X at the training dtype would exceed ``config.memory_budget``."""
+        cfg = self.config
+        rows = X if isinstance(X, RowSource) else None
+        if rows is None and isinstance(X, np.ndarray) and cfg.loader == "stream":
+            rows = RowSource(X)
+        if rows is None:
+            return self.as_data(X)
+        m, n = rows.shape
+        size = m * n * torch.tensor([], dtype=self.dtype).element_size()
+        stream = cfg.loader == "stream" or (
+            cfg.loader == "auto" and cfg.solver == "adam" and size > cfg.memory_budget_bytes)
+        if stream:
+            return rows
+        if cfg.solver == "lbfgs" and cfg.loader == "auto" and size > cfg.memory_budget_bytes:
+            warnings.warn(f"{rows.name}: {size / 2**30:.2f} GiB exceed memory_budget "
+                          f"{cfg.memory_budget}, but L-BFGS needs every example in memory "
+                          "(solver='adam' can stream)", stacklevel=2)
+        return self.as_data(rows.array)
+
+    def fit(self, X: np.ndarray | torch.Tensor | RowSource) -> Trainer:
         """Train with the configured solver; returns self."""
-        data = self.as_data(X)
+        data = self.data_for(X)
         if self.config.solver == "lbfgs":
             self.fit_lbfgs(data)
         else:
@@ -389,7 +445,8 @@ class Trainer:
         theirs = dict(meta.get("config", {}))
         ours = self.config.to_dict()
         for d in (theirs, ours):
-            d.pop("max_iter", None)
+            for key in ("max_iter", "loader", "memory_budget"):  # not the result
+                d.pop(key, None)
         if theirs != ours or meta.get("n_features") != self.n_features:
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
             what = ", ".join(diff) or "n_features"

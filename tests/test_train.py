@@ -285,9 +285,12 @@ def test_adam_non_finite_loss_on_third_batch_stops(monkeypatch, small_X, value):
     cfg = SAEConfig(n_components=4, penalty="l1", solver="adam", batch_size=50, max_iter=5,
                     device="cpu")
     trainer = Trainer(cfg, small_X.shape[1], [rec])
-    with pytest.raises(TrainingDivergedError, match=f"loss became {value}"):
+    # reported at the end of the epoch (the loop never waits for the device), naming
+    # the first bad batch: the third, examples 100-149
+    with pytest.raises(TrainingDivergedError,
+                       match=f"loss became {value} in epoch 1 at example 100;"):
         trainer.fit(small_X)
-    assert rec.iterations == []  # it stopped inside the first epoch
+    assert rec.iterations == []  # it stopped in the first epoch
     assert trainer.history == []
 
 
