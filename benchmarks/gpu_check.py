@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,73 @@ def timed_fit(device: str, X: np.ndarray, **kw) -> tuple[SparseAutoencoder, floa
     sae.fit(X)
     sync(device)
     return sae, time.perf_counter() - start
+
+
+def count_syncs(device: str, fn) -> int:
+    """Host-device synchronisations during fn() (torch's sync debug mode, as warnings)."""
+    if not device.startswith("cuda"):
+        return 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def scale_checks(dev: str, dry_run: bool) -> None:
+    """Issue 14 on the device: no sync per batch, streamed == in memory, TF32 / bf16
+    against float32, and the large shapes."""
+    from sae_core.patch_store import read_patch_store, write_patch_store
+    from sae_core.train import Trainer
+
+    rng = np.random.default_rng(1)
+    m = 20_000 if dry_run else 400_000
+    X = rng.uniform(0.05, 0.95, size=(m, 192)).astype(np.float32)
+    # a) syncs per epoch do not grow with the batches: 1 epoch of m / 256 batches
+    cfg = SAEConfig(n_components=256, solver="adam", batch_size=256, max_iter=1, device=dev)
+    trainer = Trainer(cfg, 192)
+    data = trainer.as_data(X)
+    trainer.fit_adam(data, epochs=1)  # warm-up
+    syncs = count_syncs(dev, lambda: trainer.fit_adam(data, epochs=1))
+    report("Adam loop: host-device syncs in an epoch of many batches", syncs <= 8,
+           syncs=syncs, batches=-(-m // 256))
+    # b) streamed from a patch store == from memory, and its throughput
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "p.arrow")
+        write_patch_store(path, X, X[:0], {"patch_size": 8}, "0" * 64)
+        rows = read_patch_store(path).rows("train")
+        fits = {}
+        for loader in ("memory", "stream"):
+            sae, secs = timed_fit(dev, rows, n_components=1024, solver="adam",
+                                  batch_size=4096, max_iter=2, loader=loader)
+            fits[loader] = (sae, m * 2 / secs)
+        same = np.array_equal(fits["memory"][0].components_, fits["stream"][0].components_)
+        ratio = fits["stream"][1] / fits["memory"][1]
+        report("streamed == in memory on the device, and its throughput", same and ratio >= 0.8,
+               same=same, streamed=fits["stream"][1], in_memory=fits["memory"][1], ratio=ratio)
+    # c) TF32 and bf16 against float32 (device.py states the tolerances)
+    if not dry_run:
+        full, _ = timed_fit(dev, X, n_components=1024, solver="adam", batch_size=4096,
+                            max_iter=3)
+        for precision, tol in (("tf32", 0.01), ("bf16", 0.03)):
+            sae, secs = timed_fit(dev, X, n_components=1024, solver="adam", batch_size=4096,
+                                  max_iter=3, precision=precision)
+            rel = abs(sae.history_[-1]["loss"] / full.history_[-1]["loss"] - 1)
+            report(f"{precision} loss within {tol:g} of float32", rel <= tol, rel=rel,
+                   examples_per_s=3 * m / secs)
+    # d) large batches and dictionaries
+    for s_hidden, batch in ((4096, 8192), (16384, 4096)):
+        if dry_run and s_hidden > 4096:
+            continue
+        sae, secs = timed_fit(dev, X[: 4 * batch] if dry_run else X, n_components=s_hidden,
+                              penalty="topk", k=32, solver="adam", batch_size=batch,
+                              max_iter=1)
+        active = sae.transform(X[:4096]) > 0
+        report(f"TopK 192-{s_hidden}, batch {batch}: exactly k active",
+               bool(np.all(active.sum(1) == 32)), seconds=secs)
 
 
 def main() -> None:
@@ -151,6 +219,8 @@ def main() -> None:
             row[device] = len(n) * sae.n_iter_ / secs  # example-passes per second
         report(f"{solver} 784-1024-784 throughput (example passes/s)", True,
                cuda=row[dev], cpu=row["cpu"], speedup=row[dev] / row["cpu"])
+
+    scale_checks(dev, args.dry_run)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(RESULTS, indent=2) + "\n")

@@ -77,25 +77,33 @@ def initial_theta():
     return init_theta(64, N_HIDDEN, seed=0, dtype=torch.float64).numpy()
 
 
-def worker_reference(threads: int) -> dict:
+def reference_fit(data, theta0, hidden: int, lam: float, rho: float, beta: float,
+                  max_iter: int, threads: int) -> dict:
+    """scipy's L-BFGS-B on :func:`reference_cost` from theta0 for at most ``max_iter``
+    iterations, BLAS limited to ``threads``. data: (visible, m) float64, examples as
+    columns. Returns the final objective f, the seconds of the minimisation alone,
+    iterations nit and evaluations nfev."""
     import scipy.optimize
     from threadpoolctl import threadpool_limits
 
-    X = patches().T.copy()  # (64, m): examples as columns, as in the exercise
-    theta0 = initial_theta()
     with threadpool_limits(limits=threads):
         start = time.perf_counter()
         result = scipy.optimize.minimize(
             reference_cost,
             theta0,
-            args=(64, N_HIDDEN, LAMBDA, RHO, BETA, X),
+            args=(data.shape[0], hidden, lam, rho, beta, data),
             jac=True,
             method="L-BFGS-B",
-            options={"maxiter": MAX_ITER},
+            options={"maxiter": max_iter},
         )
         seconds = time.perf_counter() - start
     return {"f": float(result.fun), "seconds": seconds, "nit": int(result.nit),
             "nfev": int(result.nfev), "threads": threads}
+
+
+def worker_reference(threads: int) -> dict:
+    X = patches().T.copy()  # (64, m): examples as columns, as in the exercise
+    return reference_fit(X, initial_theta(), N_HIDDEN, LAMBDA, RHO, BETA, MAX_ITER, threads)
 
 
 def worker_saeflow(target: float, filters_png: str | None) -> dict:
