@@ -205,6 +205,16 @@ def _placeholder(nbytes: int):
     return pa.py_buffer(mmap.mmap(-1, nbytes, prot=mmap.PROT_READ))
 
 
+@dataclass
+class _SplitValues:
+    """A split's placeholder buffer, its pieces, and how far the sink has written them."""
+
+    placeholder: Any
+    pieces: Iterator[np.ndarray]
+    written: int = 0
+    leftover: memoryview | None = None
+
+
 class _ValueSink:
     """The binary file object pyarrow's IPC writer writes to: bytes pass through to
     ``fh``, except a write from a placeholder buffer, replaced by the next bytes of that
@@ -214,7 +224,7 @@ class _ValueSink:
 
     def __init__(self, fh, splits: list[tuple[Any, Iterator[np.ndarray]]]) -> None:
         self.fh = fh
-        self.splits = [[buf, pieces, 0, None] for buf, pieces in splits]  # + done, leftover
+        self.splits = [_SplitValues(buf, pieces) for buf, pieces in splits]
         self.position = 0
         self.hash = hashlib.sha256()
 
@@ -222,36 +232,37 @@ class _ValueSink:
         import pyarrow as pa
 
         n = data.size if isinstance(data, pa.Buffer) else memoryview(data).nbytes
-        for split in self.splits:
-            buf = split[0]
-            if isinstance(data, pa.Buffer) and n and buf.address <= data.address < (
-                    buf.address + buf.size):
-                if data.address - buf.address != split[2]:
-                    raise ValueError("pyarrow wrote the patch values out of order")
-                self._values(split, n)
-                return n
+        if isinstance(data, pa.Buffer) and n:
+            for split in self.splits:
+                buf = split.placeholder
+                if buf.address <= data.address < buf.address + buf.size:
+                    if data.address - buf.address != split.written:
+                        raise ValueError("pyarrow wrote the patch values out of order")
+                    self._values(split, n)
+                    return n
         self.fh.write(data)
         self.position += n
         return n
 
-    def _values(self, split: list, n: int) -> None:
+    def _values(self, split: _SplitValues, n: int) -> None:
         while n:
-            piece = split[3]
+            piece = split.leftover
             if piece is None or not piece.nbytes:
-                piece = memoryview(next(split[1]).reshape(-1)).cast("B")
+                piece = memoryview(next(split.pieces).reshape(-1)).cast("B")
             take = piece[:n]
             self.hash.update(take)
             self.fh.write(take)
-            split[3] = piece[len(take):]
-            split[2] += len(take)
+            split.leftover = piece[len(take):]
+            split.written += len(take)
             self.position += len(take)
             n -= len(take)
 
     def finish(self, data_sha256: str) -> None:
         """Check that every value was written, and that they hash as the first pass did."""
-        for buf, pieces, done, leftover in self.splits:
-            if done != buf.size or (leftover is not None and leftover.nbytes) or any(
-                    p.size for p in pieces):
+        for split in self.splits:
+            if (split.written != split.placeholder.size
+                    or (split.leftover is not None and split.leftover.nbytes)
+                    or any(p.size for p in split.pieces)):
                 raise ValueError("pyarrow did not write the patch values from the buffers "
                                  "given to it")
         if self.hash.hexdigest() != data_sha256:

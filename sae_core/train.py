@@ -73,7 +73,7 @@ def data_fingerprint(X: torch.Tensor | RowSource, dtype: torch.dtype | None = No
     the data the checkpoint was written for). A RowSource is read block by block, as
     ``dtype``: the same data give the same fingerprint streamed or in memory."""
     if isinstance(X, RowSource):
-        np_dtype = torch.tensor([], dtype=dtype).numpy().dtype
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         h = hashlib.sha256(f"{X.shape}{np_dtype}".encode())
         for block in X.blocks():
             h.update(np.ascontiguousarray(block, dtype=np_dtype).tobytes())
@@ -224,7 +224,8 @@ class Trainer:
         # OpenBLAS's spinning workers never wake to fight torch's for the cores; no
         # threadpoolctl limit is needed, whose library scan costs 20-40 ms per fit.
         try:
-            self._run_lbfgs(evaluate)
+            with matmul_precision(cfg.precision, self.device):
+                self._run_lbfgs(evaluate)
         finally:
             if blocked:
                 torch.set_num_threads(threads)
@@ -234,11 +235,6 @@ class Trainer:
         cfg = self.config
 
         solver = LBFGS(evaluate, history=cfg.lbfgs_history, tol=cfg.tol)
-        with matmul_precision(cfg.precision, self.device):
-            self._lbfgs_loop(solver)
-
-    def _lbfgs_loop(self, solver: LBFGS) -> None:
-        cfg = self.config
         for cb in self.callbacks:
             cb.on_fit_start(self)
         if self._lbfgs is None:
@@ -349,12 +345,11 @@ class Trainer:
         if rows is None:
             return self.as_data(X)
         m, n = rows.shape
-        size = m * n * torch.tensor([], dtype=self.dtype).element_size()
-        stream = cfg.loader == "stream" or (
-            cfg.loader == "auto" and cfg.solver == "adam" and size > cfg.memory_budget_bytes)
-        if stream:
+        size = m * n * self.dtype.itemsize
+        over = cfg.loader == "auto" and size > cfg.memory_budget_bytes
+        if cfg.loader == "stream" or (over and cfg.solver == "adam"):
             return rows
-        if cfg.solver == "lbfgs" and cfg.loader == "auto" and size > cfg.memory_budget_bytes:
+        if over:  # L-BFGS
             warnings.warn(f"{rows.name}: {size / 2**30:.2f} GiB exceed memory_budget "
                           f"{cfg.memory_budget}, but L-BFGS needs every example in memory "
                           "(solver='adam' can stream)", stacklevel=2)
