@@ -24,7 +24,7 @@ test: $(STAMP)
 	# two test processes, each module whole in one of them (its tests run in order; the
 	# scheduler in tests/conftest.py): most tests wait on servers and subprocesses, so two
 	# overlap on two cores
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -274,6 +274,7 @@ def _run_points(runner, jobs: list[PointJob], device: str, skipped: int,
         # stop now (an existing cluster's keep running; their points see the sweep KILLED)
         client.cancel([f.wrapped_future for f in remaining])
         if client.cluster is not None:
+            _quiet_teardown(client)
             client.cluster.close()
         raise
     finally:
@@ -324,6 +325,25 @@ def point_overhead(submitted: float, timings: list[dict], slots: dict[str, int],
             "in_task": sum(in_task) / n, "between": sum(between) / n,
             "record": sum(t["record"] for t in timings) / n,
             "idle_end": max(0.0, total_slots * wall - used) / n}
+
+
+def _quiet_teardown(client) -> None:
+    """Silence a local cluster's logs before it is closed under running points.
+
+    Closing it stops worker processes that are mid-point: their nannies kill them after
+    a few seconds, and in between a worker's heartbeat may find the scheduler gone, which
+    Dask logs as an error with a traceback (and the nannies warn of every kill). Each of
+    these is the cancellation the user asked for; the sweep reports it in one line."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    try:
+        client.run(_silence_distributed_logs)
+    except Exception:  # a worker already gone needs no silencing
+        pass
+
+
+def _silence_distributed_logs() -> None:
+    """Run on each worker of a local cluster that is about to be closed."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
 def _nothing():
