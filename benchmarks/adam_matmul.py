@@ -13,11 +13,14 @@ gather) is elementwise work on arrays no larger than their outputs:
 (no gradient with respect to the input is needed). The limit is those five ``torch.mm``
 calls in a loop over preallocated tensors of the same dtype and precision, nothing else,
 converted to examples per second (b per loop). saeflow's rate: ``SparseAutoencoder(s,
-solver="adam", batch_size=b, max_iter=E, device=...)`` fitted on random X (uniform in
-[0, 1], float32) in one process: after a warm-up fit on a few batches, a fit of E = 1 epoch
-and one of E = 1 + ``--epochs`` epochs; the difference of their times is ``--epochs``
-epochs of steady-state training (set-up, validation and the first epoch cancel), and
-rows * epochs / difference is the rate. Ratio = saeflow / matmul alone.
+solver="adam", batch_size=b, max_iter=1 + E, device=...)`` fitted on random X (uniform
+in [0, 1], float32; ``--cpu-rows`` / ``--cuda-rows`` rows) in one process, each epoch
+timed by a training callback; the first epoch warms up (kernels, buffers, thread pools)
+and the fastest of the other E = ``--epochs`` counts, rows / its seconds. The limit is
+timed the same way: after a warm-up, the fastest of E stretches of rows / b loops. Both
+sides thus take the best of E equal stretches of work: on a shared machine, where a
+neighbour's burst slows a stretch by 20-30%, the best stretch is the machine's own rate
+for either. Ratio = saeflow / matmul alone.
 
 Cases: on the CPU, 784-1024-784 at batch 256 (float32; target ratio >= 0.80). Where CUDA
 is present also 784-4096-784 at batch 8192 on the GPU in float32 (saeflow's default
@@ -33,7 +36,7 @@ with another process on one of two cores, two-thread BLAS calls run 4-6x slower 
 numbers mean little (the load averages before and after are recorded). On 2 idle cores
 the default takes about 1.5 minutes.
 
-    python benchmarks/adam_matmul.py [--repeats 2] [--epochs 2] [--cpu-rows 65536]
+    python benchmarks/adam_matmul.py [--repeats 2] [--epochs 4] [--cpu-rows 32768]
                                      [--cuda-rows 1048576] [--threads N] [--quick]
                                      [--out benchmarks/results]
 """
@@ -59,7 +62,6 @@ CASES = (
     ("cuda", 4096, 8192, "tf32", 0.50),
     ("cuda", 4096, 8192, "bf16", 0.50),
 )
-MATMUL_SECONDS = 2.0  # length of one timed stretch of the matmul loop
 
 
 def sync(device: str) -> None:
@@ -75,32 +77,38 @@ def worker_saeflow(device: str, s: int, b: int, precision: str, rows: int,
     import torch
 
     from sae_core import SparseAutoencoder
+    from sae_core.train import Callback
 
     X = np.random.default_rng(0).random((rows, N), dtype=np.float32)
     kw = dict(solver="adam", batch_size=b, random_state=0, device=device)
     if precision != "float32":  # the default needs no option: works before it exists
         kw["precision"] = precision
 
-    def timed_fit(data, max_iter: int) -> tuple[float, SparseAutoencoder]:
-        sae = SparseAutoencoder(s, max_iter=max_iter, **kw)
-        sync(device)
-        start = time.perf_counter()
-        sae.fit(data)
-        sync(device)
-        return time.perf_counter() - start, sae
+    class EpochClock(Callback):
+        """Wall-clock time at the start of the fit and at the end of every epoch (the
+        trainer reads the epoch's loss sums there, so the device has finished it)."""
 
-    try:  # warm-up: kernels, CUDA context, thread pools
-        timed_fit(X[: 4 * b], 1)
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_fit_start(self, trainer) -> None:
+            self.times.append(time.perf_counter())
+
+        def on_iteration_end(self, trainer) -> None:
+            self.times.append(time.perf_counter())
+
+    clock = EpochClock()
+    sae = SparseAutoencoder(s, max_iter=1 + epochs, callbacks=[clock], **kw)
+    try:
+        sae.fit(X)
     except (TypeError, ValueError) as exc:
         if precision == "float32":
             raise
         return {"unsupported": f"{type(exc).__name__}: {exc}"}
-    t1, _ = timed_fit(X, 1)
-    tk, sae = timed_fit(X, 1 + epochs)
+    seconds = np.diff(clock.times)[1:]  # epoch 1 is the warm-up
     return {
-        "examples_per_s": rows * epochs / (tk - t1),
-        "seconds_1_epoch": t1,
-        f"seconds_{1 + epochs}_epochs": tk,
+        "examples_per_s": rows / float(seconds.min()),
+        "epoch_seconds": [round(float(t), 4) for t in seconds],
         "rows": rows,
         "timed_epochs": epochs,
         "final_loss": sae.history_[-1]["loss"],
@@ -108,7 +116,8 @@ def worker_saeflow(device: str, s: int, b: int, precision: str, rows: int,
     }
 
 
-def worker_matmul(device: str, s: int, b: int, precision: str) -> dict:
+def worker_matmul(device: str, s: int, b: int, precision: str, rows: int,
+                  epochs: int) -> dict:
     import torch
 
     if device == "cuda":
@@ -136,10 +145,11 @@ def worker_matmul(device: str, s: int, b: int, precision: str) -> dict:
         sync(device)
         return time.perf_counter() - start
 
-    steps(5)  # warm-up
-    k = max(10, round(10 * MATMUL_SECONDS / steps(10)))
-    best = min(steps(k) for _ in range(3))
-    return {"examples_per_s": b * k / best, "steps": k, "seconds": best,
+    k = -(-rows // b)  # the steps of one of saeflow's epochs
+    steps(k)  # warm-up, as saeflow's first epoch
+    seconds = [steps(k) for _ in range(epochs)]
+    return {"examples_per_s": b * k / min(seconds), "steps": k,
+            "stretch_seconds": [round(t, 4) for t in seconds],
             "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
 
 
@@ -162,7 +172,8 @@ def run_case(device: str, s: int, b: int, precision: str, target: float, rows: i
                                    threads=args.threads))
         if "unsupported" in sae_runs[-1]:
             return {**case, "unsupported": sae_runs[-1]["unsupported"]}
-        mm_runs.append(run_worker("matmul", *shape, threads=args.threads))
+        mm_runs.append(run_worker("matmul", *shape, str(rows), str(args.epochs),
+                                  threads=args.threads))
     sae = max(sae_runs, key=lambda r: r["examples_per_s"])
     mm = max(mm_runs, key=lambda r: r["examples_per_s"])
     ratio = sae["examples_per_s"] / mm["examples_per_s"]
@@ -178,8 +189,9 @@ def run_case(device: str, s: int, b: int, precision: str, target: float, rows: i
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=2, help="timed epochs (after the first)")
-    ap.add_argument("--cpu-rows", type=int, default=65_536)
+    ap.add_argument("--epochs", type=int, default=4,
+                    help="timed epochs / stretches after the warm-up; the fastest counts")
+    ap.add_argument("--cpu-rows", type=int, default=32_768)
     ap.add_argument("--cuda-rows", type=int, default=1_048_576)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--quick", action="store_true", help="1 round")
@@ -197,7 +209,7 @@ def main() -> int:
         if kind == "saeflow":
             res = worker_saeflow(device, int(s), int(b), precision, int(rest[0]), int(rest[1]))
         else:
-            res = worker_matmul(device, int(s), int(b), precision)
+            res = worker_matmul(device, int(s), int(b), precision, int(rest[0]), int(rest[1]))
         print(json.dumps(res))
         return 0
 

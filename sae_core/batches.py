@@ -95,7 +95,7 @@ class InMemoryBatches:
     def epoch(self, epoch: EpochOrder, batch_size: int) -> Iterator[torch.Tensor]:
         order = epoch.order.to(self.X.device)
         for start in range(0, self.X.shape[0], batch_size):
-            yield self.X[order[start : start + batch_size]]
+            yield self.X.index_select(0, order[start : start + batch_size])
 
 
 class _Windows:

@@ -240,31 +240,40 @@ class FusedKLObjective:
         dW2 = delta3 A^T / m + lambda W2,   db2 = sum_i delta3_i / m
         dW1 = delta2 X / m + lambda W1,     db1 = sum_i delta2_i / m
 
-    Speed (this is the inner loop of the exercise): examples are columns, as in the
-    original MATLAB code, and every bias rides along as an extra column of its weight
-    matrix against a row of ones appended to X, A and delta3. Each of the five products
-    then is one GEMM with no bias broadcast, and the bias gradients come out of the
-    weight-gradient GEMMs as their last column. Buffers are allocated once per data
-    tensor; the transposed, augmented copy of X is made once per data tensor too.
+    Two evaluations, by the size of the data:
 
-    On the CPU the examples are cut into fixed blocks of about ``BLOCK_COLUMNS``
-    columns (the partition depends on m alone) and ``workers`` threads evaluate the
-    blocks, each with single-threaded BLAS (the caller sets ``torch.set_num_threads(1)``
-    around the fit, see :class:`sae_core.train.Trainer`). Skinny products like these
-    (inner dimension 26 or 65) scale poorly inside one BLAS call, and independent blocks
-    keep every core busy through the elementwise passes too. Block results are summed
-    in block order, so the bytes out do not depend on the number of threads or cores.
+    - **Full batches on the CPU** (the exercise's L-BFGS; at least 1.5 blocks of
+      ``BLOCK_COLUMNS`` examples): examples are columns, as in the original MATLAB
+      code, and every bias rides along as an extra column of its weight matrix against
+      a row of ones appended to X, A and delta3. Each of the five products then is one
+      GEMM with no bias broadcast, and the bias gradients come out of the weight-gradient
+      GEMMs as their last column. The transposed, augmented copy of X and the buffers
+      are made once per data tensor. The examples are cut into fixed blocks (the
+      partition depends on m alone) and ``workers`` threads evaluate the blocks, each
+      with single-threaded BLAS (the caller sets ``torch.set_num_threads(1)`` around the
+      fit, see :class:`sae_core.train.Trainer`). Skinny products like these (inner
+      dimension 26 or 65) scale poorly inside one BLAS call, and independent blocks keep
+      every core busy through the elementwise passes too. Block results are summed in
+      block order, so the bytes out do not depend on the number of threads or cores.
+    - **One block** (Adam's mini-batches, small data, every GPU evaluation):
+      :meth:`_evaluate_block`, examples as rows and five in-place GEMMs with the biases,
+      1/m and the decay folded into ``addmm``; a per-batch transposed copy of X and
+      augmented copies of the weights would cost as much as the products' own time
+      outside them.
+
     Scalars (the loss terms; rho_hat across blocks) are accumulated in float64
     whatever the dtype.
     """
 
     BLOCK_COLUMNS = 5000
 
-    def __init__(self, config: SAEConfig, workers: int = 1) -> None:
+    def __init__(self, config: SAEConfig, workers: int = 1, reuse_grad: bool = False) -> None:
         if config.penalty != "kl":
             raise ValueError(f"FusedKLObjective needs penalty='kl'; got {config.penalty!r}")
         self.config = config
         self.workers = max(1, int(workers))
+        self.reuse_grad = reuse_grad
+        self._grad: torch.Tensor | None = None
         self._source: torch.Tensor | None = None
         self._source_version = -1
         self._parts: list[_Shard] = []
@@ -272,31 +281,26 @@ class FusedKLObjective:
         self._finalizer: weakref.finalize | None = None
         self._lanes = 1
         self._weight_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._block_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def __getstate__(self) -> dict:
         # never pickle the cached data copy, its buffers or the thread pool
-        return {"config": self.config, "workers": self.workers, "_source": None,
+        return {"config": self.config, "workers": self.workers,
+                "reuse_grad": self.reuse_grad, "_grad": None, "_source": None,
                 "_source_version": -1, "_parts": [], "_pool": [], "_finalizer": None,
-                "_lanes": 1, "_weight_buffers": None}
+                "_lanes": 1, "_weight_buffers": None, "_block_cache": {}}
 
     def close(self) -> None:
         """Release the buffers and the worker threads."""
         _close_workers(self._pool)
         self._parts, self._source, self._weight_buffers = [], None, None
+        self._block_cache, self._grad = {}, None
 
     def _prepare(self, X: torch.Tensor) -> None:
         if X is self._source and X._version == self._source_version:
             return
         m, n = X.shape
-        k = max(1, round(m / self.BLOCK_COLUMNS)) if X.device.type == "cpu" else 1
-        old = self._parts
-        if (len(old) == 1 and k == 1 and old[0].Xa.shape == (n + 1, m)
-                and old[0].Xa.dtype == X.dtype and old[0].Xa.device == X.device):
-            # the next mini-batch of the same size: refill the buffers, do not reallocate
-            # (fresh buffers of a 784-1024 model cost ~10 MB of page faults per batch)
-            old[0].Xa[:n] = X.t()
-            self._source, self._source_version = X, X._version
-            return
+        k = self._blocks(X)
         bounds = [round(i * m / k) for i in range(k + 1)]
         parts = []
         for lo, hi in itertools.pairwise(bounds):
@@ -344,13 +348,20 @@ class FusedKLObjective:
     def __call__(
         self, theta: torch.Tensor, X: torch.Tensor, dead: torch.Tensor | None = None
     ) -> Evaluation:
+        if self._blocks(X) == 1:
+            return self._evaluate_block(theta.detach(), X)
         self._prepare(X)
-        if X.device.type == "cpu":
-            # a diverging fit (rho_hat at 0 or 1) makes inf/NaN here: the trainer reports
-            # the non-finite loss in one line, so numpy's warnings would only be noise
-            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-                return self._evaluate_host(theta.detach(), X.shape[0])
-        return self._evaluate_device(theta, X)
+        # a diverging fit (rho_hat at 0 or 1) makes inf/NaN here: the trainer reports
+        # the non-finite loss in one line, so numpy's warnings would only be noise
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            return self._evaluate_host(theta.detach(), X.shape[0])
+
+    def _blocks(self, X: torch.Tensor) -> int:
+        """How many column blocks X (m, n) is cut into: m / BLOCK_COLUMNS rounded on the
+        CPU (at least 1), one on a GPU."""
+        if X.device.type != "cpu":
+            return 1
+        return max(1, round(X.shape[0] / self.BLOCK_COLUMNS))
 
     def _evaluate_host(self, theta: torch.Tensor, m: int) -> Evaluation:
         """The CPU evaluation: the block products in torch, everything else (bias
@@ -391,7 +402,7 @@ class FusedKLObjective:
                 G1 += r[1].numpy()
                 G2T += r[2].t().numpy()
 
-        grad = torch.empty_like(theta)
+        grad = self._grad_for(theta)
         g = grad.numpy()
         inv_m = 1.0 / m
         gW1 = g[:sn].reshape(s, n)
@@ -404,8 +415,7 @@ class FusedKLObjective:
         np.multiply(G2T[s], inv_m, out=g[2 * sn + s :])
 
         recon = 0.5 * sq / m
-        weights = t[: 2 * sn].astype(np.float64)  # W1 and W2 are adjacent in theta
-        decay = 0.5 * lam * float(np.einsum("i,i->", weights, weights))  # no BLAS threads
+        decay = float(weight_decay_value(theta, n, s, lam))
         kl = rho * np.log(rho / rho_hat) + (1.0 - rho) * np.log((1.0 - rho) / (1.0 - rho_hat))
         sparsity = beta * float(kl.sum())
         loss = recon + decay + sparsity
@@ -426,48 +436,106 @@ class FusedKLObjective:
             )
         return w
 
-    def _evaluate_device(self, theta: torch.Tensor, X: torch.Tensor) -> Evaluation:
-        """The same evaluation in torch ops on X's device (one block on a GPU)."""
+    def _evaluate_block(self, theta: torch.Tensor, X: torch.Tensor) -> Evaluation:
+        """The evaluation of one block X (m, n) in torch ops on X's device: every
+        evaluation on a GPU, and on the CPU a mini-batch or data under 1.5 blocks.
+
+        Examples are rows here, as X comes: each of the five products is one GEMM that
+        reads its operands in place (a transpose is a BLAS flag, not a copy), the biases
+        and the sparsity term ride in ``addmm`` as broadcast rows, and the weight
+        gradients come out of ``addmm`` with 1/m and the decay folded in::
+
+            A  = sigmoid(X W1^T + b1)                (m, s)
+            H  = sigmoid(A W2^T + b2)                (m, n)
+            D3 = (H - X) * H * (1 - H)               (m, n)
+            D2 = (D3 W2 + sparsity) * A * (1 - A)    (m, s)
+            dW2 = D3^T A / m + lambda W2             (n, s)
+            dW1 = D2^T X / m + lambda W1             (s, n)
+
+        so that a step costs the five products and a few passes over (m, s) and
+        (m, n) arrays, nothing over the weights but Adam's own update. The work
+        arrays are kept between calls of the same m (fresh ones cost page faults)."""
         cfg = self.config
         m, n = X.shape
         s = cfg.n_components
         rho, beta, lam = cfg.rho, cfg.beta, cfg.weight_decay
         p = M.unpack(theta, n, s)
-
-        W1a = torch.cat([p.W1, p.b1[:, None]], dim=1)
-        rho_hat = sum(a.double() for a in self._map(_Shard.hidden, W1a)) / m
-        sparse_grad = (beta * (-rho / rho_hat + (1.0 - rho) / (1.0 - rho_hat))).to(X.dtype)
-        W2a = torch.cat([p.W2, p.b2[:, None]], dim=1)
-        W2Ta = torch.cat([p.W2.t(), sparse_grad[:, None]], dim=1)
-        results = self._map(_Shard.backward, W2a, W2Ta)
-        sq = sum(r[0] for r in results)
-        G1 = results[0][1]
-        G2 = results[0][2]
-        for r in results[1:]:
-            G1 = G1 + r[1]
-            G2 = G2 + r[2]
-
-        recon = 0.5 * sq / m
-        weights = theta[: 2 * s * n].double()  # W1 and W2 are adjacent in theta
-        decay = 0.5 * lam * torch.dot(weights, weights)
-        sparsity = beta * P.kl_divergence(rho, rho_hat).sum()
-
-        grad = torch.empty_like(theta)
-        g = M.unpack(grad, n, s)
+        A, H, D, E = self._block_buffers(X)
         inv_m = 1.0 / m
-        torch.add(G1[:, :n] * inv_m, p.W1, alpha=lam, out=g.W1)
-        torch.add(G2[:, :s] * inv_m, p.W2, alpha=lam, out=g.W2)
-        torch.mul(G1[:, n], inv_m, out=g.b1)
-        torch.mul(G2[:, s], inv_m, out=g.b2)
 
+        torch.addmm(p.b1, X, p.W1.t(), out=A).sigmoid_()
+        # column sums of at most a few thousand rows: float32 is exact enough for
+        # rho_hat (see _Shard.hidden); the KL algebra below is in float64
+        rho_hat = A.sum(dim=0).double() * inv_m
+        sparse_grad = (beta * (-rho / rho_hat + (1.0 - rho) / (1.0 - rho_hat))).to(X.dtype)
+        torch.addmm(p.b2, A, p.W2.t(), out=H).sigmoid_()
+        torch.sub(H, X, out=D)  # x_hat - x
+        # row norms, squared and added in float64: as accurate as _Shard.backward's row
+        # dots, without their (m, n) temporary
+        sq = torch.linalg.vector_norm(D, dim=1).double().square().sum()
+        _sigmoid_backward(D, H, out=D)  # delta3
+
+        grad = self._grad_for(theta)
+        g = M.unpack(grad, n, s)
+        torch.addmm(p.W2, D.t(), A, beta=lam, alpha=inv_m, out=g.W2)
+        torch.sum(D, dim=0, out=g.b2).mul_(inv_m)
+        torch.addmm(sparse_grad, D, p.W2, out=E)
+        _sigmoid_backward(E, A, out=E)  # delta2
+        torch.addmm(p.W1, E.t(), X, beta=lam, alpha=inv_m, out=g.W1)
+        torch.sum(E, dim=0, out=g.b1).mul_(inv_m)
+
+        recon = 0.5 * sq * inv_m
+        decay = weight_decay_value(theta, n, s, lam)
+        sparsity = beta * P.kl_divergence(rho, rho_hat).sum()
         terms = torch.stack([recon, decay, sparsity, torch.zeros_like(recon)])
         return Evaluation(recon + decay + sparsity, grad, terms, None)
 
+    def _grad_for(self, theta: torch.Tensor) -> torch.Tensor:
+        """The gradient's tensor: a fresh one, or with ``reuse_grad`` the one of the
+        previous call (Adam consumes each gradient in its step; a fresh 6 MB tensor per
+        step of a 784-1024 model costs ~2 ms of page faults on its first write)."""
+        if not self.reuse_grad:
+            return torch.empty_like(theta)
+        g = self._grad
+        if g is None or (g.shape, g.dtype, g.device) != (theta.shape, theta.dtype, theta.device):
+            g = self._grad = torch.empty_like(theta)
+        return g
 
-def make_objective(config: SAEConfig, workers: int = 1) -> AutogradObjective | FusedKLObjective:
+    def _block_buffers(self, X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Work arrays A (m, s), H (m, n), D (m, n), E (m, s) for X's shape, dtype and
+        device: the last two shapes are kept (an epoch's batches and its shorter last
+        one)."""
+        m, n = X.shape
+        key = (m, n, X.dtype, X.device)
+        cache = self._block_cache
+        if key not in cache:
+            s = self.config.n_components
+            if len(cache) >= 2:
+                cache.pop(next(iter(cache)))
+            cache[key] = (X.new_empty(m, s), X.new_empty(m, n), X.new_empty(m, n),
+                          X.new_empty(m, s))
+        return cache[key]
+
+
+def weight_decay_value(theta: torch.Tensor, n: int, s: int, weight_decay: float) -> torch.Tensor:
+    """(lambda / 2)(||W1||_F^2 + ||W2||_F^2) of theta's n-s-n model, a 0-d float64 tensor.
+
+    W1 and W2 are adjacent in theta, so their 2 s n values are read as 2 s rows of n:
+    each row's norm is reduced in theta's dtype, its square added in float64: ~1e-8
+    relative in float32, where one float32 norm over all of them is off by ~1e-5. A
+    single read with no temporary: 0.2 ms for a 784-1024 model, where widening the
+    weights to float64 first takes 2 ms, a tenth of an Adam step."""
+    rows = torch.linalg.vector_norm(theta[: 2 * s * n].view(2 * s, n), dim=1)
+    return 0.5 * weight_decay * rows.double().square().sum()
+
+
+def make_objective(config: SAEConfig, workers: int = 1,
+                   reuse_grad: bool = False) -> AutogradObjective | FusedKLObjective:
     """The fastest exact objective for ``config``: fused for KL (evaluated on ``workers``
-    threads), autograd otherwise (and under bf16 autocast, which the fused kernels'
-    preallocated float32 buffers do not take)."""
+    threads; ``reuse_grad``: one gradient tensor for every call, for a caller that
+    consumes each gradient before the next call, as Adam does), autograd otherwise (and
+    under bf16 autocast, which the fused kernels' preallocated float32 buffers do not
+    take)."""
     if config.penalty == "kl" and config.precision != "bf16":
-        return FusedKLObjective(config, workers=workers)
+        return FusedKLObjective(config, workers=workers, reuse_grad=reuse_grad)
     return AutogradObjective(config)

@@ -142,7 +142,8 @@ class Trainer:
         self.stop_reason: str | None = None
         self.fingerprint: str | None = None
         self._fingerprint_memo: tuple[tuple[int, int], str] | None = None
-        self._objective = make_objective(config)
+        # Adam's objective: each gradient is consumed by the step before the next call
+        self._objective = make_objective(config, reuse_grad=True)
         self._lbfgs: LBFGSState | None = None
         self._adam: torch.optim.Adam | None = None
         self._adam_param: torch.Tensor | None = None
@@ -154,7 +155,7 @@ class Trainer:
     def __getstate__(self) -> dict:
         # the objective caches a copy of the training data; never pickle that
         state = self.__dict__.copy()
-        state["_objective"] = make_objective(self.config)
+        state["_objective"] = make_objective(self.config, reuse_grad=True)
         state["_fingerprint_memo"] = None
         return state
 
@@ -263,10 +264,10 @@ class Trainer:
     def _ensure_adam(self) -> torch.optim.Adam:
         if self._adam is None:
             self._adam_param = self.theta.clone().requires_grad_(True)
-            # fused: one kernel for the whole update on a GPU (the CPU keeps the
-            # reference implementation, and its bytes)
+            # fused: one pass over the parameters, their gradient and the two moments
+            # per step (the reference implementation makes about ten), on either device
             self._adam = torch.optim.Adam([self._adam_param], lr=self.config.learning_rate,
-                                          fused=self.device.type == "cuda")
+                                          fused=True)
         return self._adam
 
     def fit_adam(self, X: torch.Tensor | RowSource, epochs: int | None = None) -> None:
@@ -423,7 +424,9 @@ class Trainer:
                 self._adam_param.copy_(tensor("adam.param"))
             if "adam" in solver_state:
                 adam.state[self._adam_param] = {
-                    "step": torch.tensor(solver_state["adam"]["step"]),
+                    # fused Adam keeps its step count as a float32 on the device
+                    "step": torch.tensor(solver_state["adam"]["step"], dtype=torch.float32,
+                                         device=dev),
                     "exp_avg": tensor("adam.exp_avg"),
                     "exp_avg_sq": tensor("adam.exp_avg_sq"),
                 }

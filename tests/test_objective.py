@@ -220,3 +220,33 @@ def test_fused_worker_threads_hand_back_errors_and_stop_on_close():
     assert len(threads) == 1 and threads[0].is_alive()
     obj.close()
     assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.parametrize(("m", "blocks"), [(300, 1), (10_000, 2)])
+def test_row_and_column_evaluations_equal_autograd_float64(m, blocks):
+    """Mini-batches take the one-block evaluation (examples as rows, addmm), full batches
+    of 1.5 blocks or more the blocked column one: both are the same objective."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.rand(m, 12, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+    cfg = SAEConfig(n_components=6, weight_decay=3e-3, dtype="float64")
+    theta = _theta(12, 6)
+    obj = FusedKLObjective(cfg)
+    assert obj._blocks(X) == blocks
+    fused, auto = obj(theta, X), AutogradObjective(cfg)(theta, X)
+    assert relative_difference(fused.grad, auto.grad) < 1e-12
+    assert torch.allclose(fused.terms, auto.terms, rtol=1e-12, atol=0)
+
+
+def test_reused_gradient_is_one_tensor_with_fresh_values(X64, other_X):
+    """reuse_grad (Adam's objective) hands back the same tensor every call, holding the
+    gradient of that call; the default hands back a new one."""
+    cfg = SAEConfig(n_components=7, dtype="float64")
+    theta = _theta(X64.shape[1], 7)
+    other = torch.as_tensor(other_X, dtype=torch.float64)
+    reused = FusedKLObjective(cfg, reuse_grad=True)
+    g1 = reused(theta, X64).grad
+    g2 = reused(theta, other).grad
+    assert g1 is g2
+    assert torch.equal(g2, FusedKLObjective(cfg)(theta, other).grad)
+    fresh = FusedKLObjective(cfg)
+    assert fresh(theta, X64).grad is not fresh(theta, X64).grad
