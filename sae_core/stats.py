@@ -14,11 +14,21 @@ Per unit j (lifetime statistics, over the examples)::
     kurtosis_j    = m M4_j / M2_j^2 - 3              (excess kurtosis, biased estimator),
                     M_p,j = sum_i (a_ij - rho_hat_j)^p
     max_j         = max_i a_ij
+    lifetime_j    = (1 - rho_hat_j^2 / mean_i a_ij^2) / (1 - 1/m)
+                    (Treves-Rolls sparseness over the examples, Vinje & Gallant 2000:
+                    0 for a unit equally active on every example, 1 for one active on a
+                    single example; NaN for a unit that is 0 throughout)
+    active_j      = (1/m) #{i : a_ij > 0.1 max_j}   (how often the unit is on at all,
+                    against its own peak: Ng's "inactive most of the time" read off
+                    directly; a second pass over the data, :func:`sparsity_stats`)
 
 Per example i (population statistics, averaged over the examples)::
 
     L0_i    = #{j : a_ij > threshold}
     Hoyer_i = (sqrt(s) - ||a_i||_1 / ||a_i||_2) / (sqrt(s) - 1)   in [0, 1]
+    pop_i   = (1 - (sum_j a_ij / s)^2 / (sum_j a_ij^2 / s)) / (1 - 1/s)
+              (Treves-Rolls sparseness across the units, in [0, 1]; examples with no
+              active unit, or s = 1, have none and are left out of its mean)
 
 Reconstruction, numerator and denominator each summed over the whole set::
 
@@ -40,6 +50,7 @@ torch here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -72,6 +83,9 @@ KL_CLIP = 1e-12
 CONSTANT_RELATIVE_STD = 1e-12
 """A unit whose standard deviation is at most this times |mean| (or exactly 0) is constant:
 its kurtosis is reported as 0 (the ratio M4 / M2^2 is then 0/0 or rounding noise)."""
+
+ACTIVE_FRACTION_OF_MAX = 0.1
+"""A unit is active on an example (``active_fraction``) above this fraction of its peak."""
 
 _CHUNK_ELEMENTS = 1 << 22  # rows are processed in chunks of about 4M float64 values (32 MB)
 
@@ -163,6 +177,29 @@ def hoyer_sparsity(A: np.ndarray) -> np.ndarray:
     return out
 
 
+def population_sparseness(A: np.ndarray) -> np.ndarray:
+    """Treves-Rolls sparseness of each row of A (b, s) across its s units, (b,)::
+
+        pop_i = (1 - (sum_j a_ij / s)^2 / (sum_j a_ij^2 / s)) / (1 - 1/s)
+
+    in [0, 1] for non-negative activations: 0 when every unit is equally active, 1 when
+    one unit carries the whole row. NaN for a row of zeros, or when s = 1."""
+    s = A.shape[1]
+    if s == 1:
+        return np.full(A.shape[0], np.nan)
+    mean = A.mean(axis=1)
+    mean_sq = np.einsum("ij,ij->i", A, A) / s
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tr = mean * mean / mean_sq
+    return np.where(mean_sq > 0, (1.0 - tr) / (1.0 - 1.0 / s), np.nan)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    """Mean of the non-NaN values; NaN (no warning) when there are none."""
+    finite = x[~np.isnan(x)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
 def kl_bernoulli(rho: float, rho_hat: np.ndarray) -> np.ndarray:
     """KL(rho || q) between Bernoulli(rho) and Bernoulli(q), elementwise, q = rho_hat::
 
@@ -226,6 +263,13 @@ class SparsityStats:
     """(s,) excess kurtosis of each unit's responses (0 for a constant unit)."""
     max_activation: np.ndarray
     """(s,) largest activation of each unit."""
+    lifetime_sparseness: np.ndarray
+    """(s,) Treves-Rolls sparseness of each unit over the examples (NaN: a unit that
+    is 0 on every example)."""
+    active_fraction: np.ndarray | None
+    """(s,) fraction of examples on which the unit exceeds 0.1 of its own maximum (0 for
+    a unit whose maximum is <= 0); None from an accumulator alone (it needs the maxima
+    before a second pass: :func:`sparsity_stats`)."""
     l0_histogram: np.ndarray
     """(s + 1,) number of examples with exactly c units firing, c = 0..s."""
     rho_hat_mean: float
@@ -246,6 +290,13 @@ class SparsityStats:
     """Mean over examples of Hoyer's sparsity of the activation vector."""
     kurtosis_mean: float
     """Mean over units of the excess kurtosis."""
+    lifetime_sparseness_mean: float
+    """Mean over the units that have one of their lifetime sparseness (NaN if none)."""
+    population_sparseness_mean: float
+    """Mean over the examples that have one of their population sparseness (NaN if
+    none)."""
+    active_fraction_mean: float | None
+    """Mean over units of ``active_fraction``; None without it."""
     sse: float
     """sum_i ||x_i - x_hat_i||^2."""
     sse_per_example: float
@@ -260,7 +311,8 @@ class SparsityStats:
     def metrics(self) -> dict[str, float | int | None]:
         """The scalars for ``metrics/sparsity.json``: DESIGN.md's keys plus
         ``dense_units_<p>pct`` per dense threshold (``dense_units_10pct`` and
-        ``dense_units_50pct`` by default), ``kurtosis_mean`` and ``n_examples``.
+        ``dense_units_50pct`` by default), ``kurtosis_mean``, the lifetime and population
+        sparseness means, ``active_fraction_mean`` and ``n_examples``.
 
         Values are Python ints/floats; a figure that is undefined (no rho, NaN) is None, so
         ``json.dumps(..., allow_nan=False)`` always works.
@@ -281,15 +333,22 @@ class SparsityStats:
         for t, count in self.dense_units.items():
             out[_dense_key(t)] = count
         out["kurtosis_mean"] = self.kurtosis_mean
+        out["lifetime_sparseness_mean"] = self.lifetime_sparseness_mean
+        out["population_sparseness_mean"] = self.population_sparseness_mean
+        out["active_fraction_mean"] = self.active_fraction_mean
         out["n_examples"] = self.n_examples
         return {k: _json_number(v) for k, v in out.items()}
 
     def per_unit(self) -> dict[str, np.ndarray]:
         """Columns of a per-unit table, each (s,): unit, rho_hat, firing_rate, kl (NaN
-        without rho), kurtosis, max_activation."""
+        without rho), kurtosis, max_activation, lifetime_sparseness, active_fraction (NaN
+        without it)."""
         kl = self.kl_per_unit
         if kl is None:
             kl = np.full(self.n_components, np.nan)
+        active = self.active_fraction
+        if active is None:
+            active = np.full(self.n_components, np.nan)
         return {
             "unit": np.arange(self.n_components),
             "rho_hat": self.rho_hat.copy(),
@@ -297,6 +356,8 @@ class SparsityStats:
             "kl": kl.copy(),
             "kurtosis": self.kurtosis.copy(),
             "max_activation": self.max_activation.copy(),
+            "lifetime_sparseness": self.lifetime_sparseness.copy(),
+            "active_fraction": active.copy(),
         }
 
 
@@ -347,6 +408,8 @@ class SparsityAccumulator:
         self._a_max = np.full(s, -np.inf)
         self._l0_hist = np.zeros(s + 1, dtype=np.int64)
         self._hoyer_sum = 0.0
+        self._population_sum = 0.0  # of pop_i over the examples that have one
+        self._population_count = 0
         self._x_mean = np.zeros(n)
         self._x_m2 = [np.zeros(n)]
         self._sse = 0.0
@@ -379,6 +442,10 @@ class SparsityAccumulator:
         np.maximum(self._a_max, A.max(axis=0), out=self._a_max)
         self._l0_hist += np.bincount(fires.sum(axis=1), minlength=self.n_components + 1)
         self._hoyer_sum += float(hoyer_sparsity(A).sum())
+        pop = population_sparseness(A)
+        defined = ~np.isnan(pop)
+        self._population_sum += float(pop[defined].sum())
+        self._population_count += int(defined.sum())
         _merge_moments(self.n_examples, self._a_mean, self._a_moments, A)
         err = X - X_hat
         self._sse += float(np.einsum("ij,ij->", err, err))
@@ -421,6 +488,13 @@ class SparsityAccumulator:
             kl_total = float(kl_per_unit.sum())
             near = float(np.mean((rho_hat >= rho / 2) & (rho_hat <= 2 * rho)))
 
+        # mean_i a_ij^2 = M2_j / m + rho_hat_j^2 (the moments are central)
+        mean_sq = m2 / m + rho_hat * rho_hat
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lifetime = (1.0 - rho_hat * rho_hat / mean_sq) / (1.0 - 1.0 / m) if m > 1 \
+                else np.full(self.n_components, np.nan)
+        lifetime = np.where(mean_sq > 0, lifetime, np.nan)
+        pops = self._population_count
         counts = np.arange(self.n_components + 1)
         sst = float(self._x_m2[0].sum())
         fvu = self._sse / sst if sst > 0 else math.nan
@@ -435,6 +509,8 @@ class SparsityAccumulator:
             kl_per_unit=kl_per_unit,
             kurtosis=kurtosis,
             max_activation=self._a_max.copy(),
+            lifetime_sparseness=lifetime,
+            active_fraction=None,
             l0_histogram=self._l0_hist.copy(),
             rho_hat_mean=float(rho_hat.mean()),
             rho_hat_min=float(rho_hat.min()),
@@ -446,6 +522,9 @@ class SparsityAccumulator:
             l0_mean=float((self._l0_hist * counts).sum()) / m,
             hoyer_mean=self._hoyer_sum / m,
             kurtosis_mean=float(kurtosis.mean()),
+            lifetime_sparseness_mean=_nanmean(lifetime),
+            population_sparseness_mean=self._population_sum / pops if pops else math.nan,
+            active_fraction_mean=None,
             sse=self._sse,
             sse_per_example=self._sse / m,
             mse=self._sse / (m * self.n_features),
@@ -497,13 +576,25 @@ def sparsity_stats(
             out = torch.addmm(p.b2, a, p.W2.t())
             x_hat = torch.sigmoid(out) if config.penalty == "kl" else out
             acc.update(a, x_np, x_hat)  # the data as given, not their cast to dtype
-    return acc.result(rho=rho, dense_thresholds=dense_thresholds)
+        stats = acc.result(rho=rho, dense_thresholds=dense_thresholds)
+        # the second pass: each unit against its own peak, known only now
+        peak = torch.as_tensor(ACTIVE_FRACTION_OF_MAX * stats.max_activation, device=device,
+                               dtype=dtype)
+        active = np.zeros(config.n_components, dtype=np.int64)
+        for start in range(0, X.shape[0], int(batch_size)):
+            xb = to_tensor(X[start : start + int(batch_size)], device, dtype)
+            a = M.encode(p, xb, config.penalty, config.effective_k)
+            active += ((a > peak) & (peak > 0)).sum(dim=0).cpu().numpy()
+    fraction = active / X.shape[0]
+    return dataclasses.replace(stats, active_fraction=fraction,
+                               active_fraction_mean=float(fraction.mean()))
 
 
-PER_UNIT_FORMAT_VERSION = 1
+PER_UNIT_FORMAT_VERSION = 2  # 2: lifetime_sparseness and active_fraction
 _PER_UNIT_META_KEY = b"saeflow"
 UNITS = parquet_with_metadata("a saeflow per-unit table (Parquet)", _PER_UNIT_META_KEY)
-PER_UNIT_COLUMNS = ("unit", "rho_hat", "firing_rate", "kl", "kurtosis", "max_activation")
+PER_UNIT_COLUMNS = ("unit", "rho_hat", "firing_rate", "kl", "kurtosis", "max_activation",
+                    "lifetime_sparseness", "active_fraction")
 """Columns of the per-unit Parquet table (:meth:`SparsityStats.per_unit`), in order."""
 
 
@@ -519,7 +610,8 @@ def write_per_unit(path: str | os.PathLike, stats: SparsityStats) -> None:
     """Write ``stats.per_unit()`` as a Parquet table of s rows, atomically.
 
     Columns: unit (int64), rho_hat, firing_rate, kl (NaN without a target rho), kurtosis,
-    max_activation (float64), one row per hidden unit j = 0..s-1. The schema metadata key
+    max_activation, lifetime_sparseness, active_fraction (float64; NaN where undefined),
+    one row per hidden unit j = 0..s-1. The schema metadata key
     ``saeflow`` holds JSON {format_version, rho, fire_threshold, n_examples} (rho null
     without a target). The table is built from numpy arrays (no pandas metadata) and
     written with fixed settings and no statistics, so the same statistics give the same

@@ -229,12 +229,17 @@ def test_mse_and_fvu_by_hand():
     assert s.fvu == pytest.approx(2.5, rel=1e-15)
 
 
+def _approx(value):
+    """A metric's value to 1e-12; None (a figure an accumulator alone has not) exactly."""
+    return None if value is None else pytest.approx(value, rel=1e-12, abs=1e-12)
+
+
 def test_every_statistic_is_invariant_to_the_batch_split(recon_case):
     A, X, X_hat = recon_case
     whole = stats_of(A, X, X_hat, rho=0.2)
     split = stats_of(A, X, X_hat, splits=[1, 2, 10, 11, 40, 90], rho=0.2)  # 7 uneven batches
     for key, value in whole.metrics().items():
-        assert split.metrics()[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+        assert split.metrics()[key] == _approx(value), key
     for key, column in whole.per_unit().items():
         np.testing.assert_allclose(split.per_unit()[key], column, rtol=1e-12, atol=1e-12)
     assert split.l0_histogram.tolist() == whole.l0_histogram.tolist()
@@ -246,7 +251,7 @@ def test_large_batches_are_processed_in_row_chunks(recon_case, monkeypatch):
     monkeypatch.setattr(stats_module, "_CHUNK_ELEMENTS", 13)  # 2 rows per chunk here
     chunked = stats_of(A, X, X_hat, rho=0.2)
     for key, value in whole.metrics().items():
-        assert chunked.metrics()[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+        assert chunked.metrics()[key] == _approx(value), key
 
 
 def test_fvu_is_zero_for_perfect_and_one_for_mean_reconstruction(recon_case):
@@ -323,6 +328,9 @@ def test_sparsity_stats_on_kl_fit(small_X):
         "dense_units_10pct",
         "dense_units_50pct",
         "kurtosis_mean",
+        "lifetime_sparseness_mean",
+        "population_sparseness_mean",
+        "active_fraction_mean",
         "n_examples",
     }
     assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
@@ -333,14 +341,16 @@ def test_sparsity_stats_on_kl_fit(small_X):
     np.testing.assert_allclose(s.rho_hat, A.mean(axis=0), rtol=1e-12)
     assert s.mse == pytest.approx(np.mean((small_X - X_hat) ** 2), rel=1e-12)
     assert s.kl_total == pytest.approx(kl_bernoulli(sae.rho, A.mean(axis=0)).sum(), rel=1e-12)
-    assert set(s.per_unit()) == {
-        "unit",
-        "rho_hat",
-        "firing_rate",
-        "kl",
-        "kurtosis",
-        "max_activation",
-    }
+    assert set(s.per_unit()) == set(PER_UNIT_COLUMNS)
+    # the lifetime and population sparseness and the active fraction, straight from A
+    m, units = A.shape
+    lifetime = (1 - A.mean(axis=0) ** 2 / (A**2).mean(axis=0)) / (1 - 1 / m)
+    np.testing.assert_allclose(s.lifetime_sparseness, lifetime, rtol=1e-10)
+    pop = (1 - A.mean(axis=1) ** 2 / (A**2).mean(axis=1)) / (1 - 1 / units)
+    assert s.population_sparseness_mean == pytest.approx(pop.mean(), rel=1e-10)
+    active = (A > 0.1 * A.max(axis=0)).mean(axis=0)
+    np.testing.assert_array_equal(s.active_fraction, active)
+    assert metrics["active_fraction_mean"] == pytest.approx(active.mean(), rel=1e-12)
 
 
 def test_unit_with_huge_negative_bias_is_reported_dead(small_X):
@@ -356,6 +366,26 @@ def test_unit_with_huge_negative_bias_is_reported_dead(small_X):
     assert s.kl_per_unit[0] == pytest.approx(kl_bernoulli(rho, np.array([0.0]))[0], rel=1e-12)
     assert s.metrics()["dead_units"] == s.dead_units
     np.testing.assert_array_equal(s.rho_hat[1:], before.rho_hat[1:])  # the others unchanged
+
+
+def test_lifetime_and_population_sparseness_extremes():
+    """A unit on for one example of four is maximally sparse over its lifetime (1), one
+    equally on for all is not (0), one that is 0 throughout has none (NaN). A row with
+    one active unit is maximally sparse across the population, an all-zero row has none
+    and is left out of the mean."""
+    A = np.array([[1.0, 0.5, 0.0], [0.0, 0.5, 0.0], [0.0, 0.5, 0.0], [0.0, 0.5, 0.0]])
+    s = stats_of(A, splits=[1, 3])
+    assert s.lifetime_sparseness[0] == pytest.approx(1.0)
+    assert s.lifetime_sparseness[1] == pytest.approx(0.0, abs=1e-15)
+    assert math.isnan(s.lifetime_sparseness[2])
+    assert s.lifetime_sparseness_mean == pytest.approx(0.5)
+    # row 0: units 0 and 1 active (0.5 of the way from dense to one-hot with s = 3 ->
+    # (1 - (1.5/3)^2 / (1.25/3)) / (2/3) = 0.6); rows 1-3: one unit each -> 1
+    assert s.population_sparseness_mean == pytest.approx((0.6 + 3 * 1.0) / 4)
+    zeros = stats_of(np.zeros((3, 2)))
+    assert math.isnan(zeros.population_sparseness_mean)
+    assert s.active_fraction is None and s.metrics()["active_fraction_mean"] is None
+    assert np.isnan(s.per_unit()["active_fraction"]).all()
 
 
 # ----------------------------------------------------------------- per-unit Parquet
@@ -375,7 +405,7 @@ def test_per_unit_parquet_round_trip_and_identical_bytes(tmp_path):
     for name, expected in s.per_unit().items():
         np.testing.assert_array_equal(columns[name], expected)
     assert columns["unit"].dtype == np.int64 and columns["rho_hat"].dtype == np.float64
-    assert meta == {"format_version": 1, "rho": 0.1, "fire_threshold": 1e-3, "n_examples": 3}
+    assert meta == {"format_version": 2, "rho": 0.1, "fire_threshold": 1e-3, "n_examples": 3}
     schema_meta = pq.read_schema(path).metadata
     assert set(schema_meta) == {b"saeflow"}  # no pandas metadata
 
