@@ -598,11 +598,15 @@ PER_UNIT_COLUMNS = ("unit", "rho_hat", "firing_rate", "kl", "kurtosis", "max_act
 """Columns of the per-unit Parquet table (:meth:`SparsityStats.per_unit`), in order."""
 
 
-def _per_unit_schema():
+_FORMAT_1_COLUMNS = PER_UNIT_COLUMNS[:6]
+"""The columns of a format-1 table (written before lifetime_sparseness, active_fraction)."""
+
+
+def _per_unit_schema(columns: tuple[str, ...] = PER_UNIT_COLUMNS):
     import pyarrow as pa
 
     fields = [pa.field("unit", pa.int64(), nullable=False)]
-    fields += [pa.field(name, pa.float64(), nullable=False) for name in PER_UNIT_COLUMNS[1:]]
+    fields += [pa.field(name, pa.float64(), nullable=False) for name in columns[1:]]
     return pa.schema(fields)
 
 
@@ -647,12 +651,24 @@ def read_per_unit(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[
     """Read a table written by :func:`write_per_unit`: (columns, metadata).
 
     ``columns`` maps each name of :data:`PER_UNIT_COLUMNS` to a numpy array (s,);
-    ``metadata`` is {format_version, rho, fire_threshold, n_examples}. A missing file,
-    another Parquet file or a corrupt one is a one-line ValueError naming the file.
+    ``metadata`` is {format_version, rho, fire_threshold, n_examples}. A format-1 table
+    (runs recorded before the lifetime sparseness and the active fraction existed) is
+    read with those two columns NaN. A missing file, another Parquet file or a corrupt
+    one is a one-line ValueError naming the file.
     """
     from sae_core.io import read_tagged_parquet
 
-    table, meta = read_tagged_parquet(path, _PER_UNIT_META_KEY, _per_unit_schema(),
-                                      PER_UNIT_FORMAT_VERSION, "a saeflow per-unit table")
-    columns = {name: table.column(name).to_numpy() for name in PER_UNIT_COLUMNS}
+    what = "a saeflow per-unit table"
+    try:
+        table, meta = read_tagged_parquet(path, _PER_UNIT_META_KEY, _per_unit_schema(),
+                                          PER_UNIT_FORMAT_VERSION, what)
+    except ValueError as exc:
+        try:
+            table, meta = read_tagged_parquet(path, _PER_UNIT_META_KEY,
+                                              _per_unit_schema(_FORMAT_1_COLUMNS), 1, what)
+        except ValueError:
+            raise exc from None
+    nan = np.full(table.num_rows, np.nan)
+    columns = {name: table.column(name).to_numpy() if name in table.column_names else nan.copy()
+               for name in PER_UNIT_COLUMNS}
     return columns, meta

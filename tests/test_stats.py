@@ -410,6 +410,24 @@ def test_per_unit_parquet_round_trip_and_identical_bytes(tmp_path):
     assert set(schema_meta) == {b"saeflow"}  # no pandas metadata
 
 
+def test_per_unit_parquet_of_format_1_is_read_with_the_new_columns_nan(tmp_path):
+    """Runs recorded before format 2 keep their tables: the report reads them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    s = stats_of(HAND_A, rho=0.1)
+    old = {k: v for k, v in s.per_unit().items() if k in PER_UNIT_COLUMNS[:6]}
+    meta = {"format_version": 1, "rho": 0.1, "fire_threshold": 1e-3, "n_examples": 3}
+    table = pa.table(old).cast(stats_module._per_unit_schema(PER_UNIT_COLUMNS[:6]))
+    pq.write_table(table.replace_schema_metadata({b"saeflow": json.dumps(meta)}),
+                   tmp_path / "v1.parquet")
+    columns, read_meta = read_per_unit(tmp_path / "v1.parquet")
+    assert read_meta["format_version"] == 1
+    np.testing.assert_array_equal(columns["rho_hat"], s.rho_hat)
+    assert np.isnan(columns["lifetime_sparseness"]).all()
+    assert np.isnan(columns["active_fraction"]).all()
+
+
 def test_per_unit_parquet_without_rho_and_bad_files(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
