@@ -14,6 +14,8 @@ builds one row per measurement: case, saeflow, peer or limit, ratio, target, res
                                                                              CPU (0.80 GPU)
     patches     patches.py         patch sampling vs scikit-learn
     overhead    overhead.py        orchestration overhead per stage          <= 1.0 s per stage
+    penalties   penalties.py       dead latents, FVU, L0 per penalty, after  issue 15's targets
+                                   (defaults) vs before (the old start)
 
 A script that is missing is a row "not run (missing)"; one that fails is a row "failed
 (exit N: its last stderr line)", and the suite goes on. ``--quick`` passes ``--quick`` to a
@@ -189,6 +191,22 @@ def overhead_rows(rec: dict) -> list[Row]:
     )]
 
 
+def penalties_rows(rec: dict) -> list[Row]:
+    def text(r: dict) -> str:
+        return f"{r['dead']}/{r['n_components']} dead, FVU {r['fvu']:.3f}, L0 {r['l0']:.2f}"
+
+    rows = []
+    for c in rec["cases"].values():
+        target, ok = c.get("target") or ("", None)
+        before, after = c["before"], c["after"]
+        rows.append(Row(
+            c["title"], text(after), "before: " + text(before),
+            before["dead"] / after["dead"] if after["dead"] else None, target, ok,
+            note="quick" if rec.get("quick") else "",
+        ))
+    return rows
+
+
 CASES = (
     Case("ufldl", "natural-image exercise vs numpy/scipy", "ufldl_natural.py",
          "ufldl_natural.json", ufldl_rows,
@@ -204,6 +222,9 @@ CASES = (
          patches_rows, "scikit-learn time / saeflow time"),
     Case("overhead", "orchestration overhead", "overhead.py", "overhead.json", overhead_rows,
          "1.0 s limit / worst stage's overhead", out_is_file=True),
+    Case("penalties", "dead latents per penalty, before and after", "penalties.py",
+         "penalties.json", penalties_rows,
+         "dead latents before / after (blank when none is dead after)"),
 )
 BY_KEY = {c.key: c for c in CASES}
 

@@ -24,6 +24,8 @@ SOLVERS = ("lbfgs", "adam")
 DTYPES = ("float32", "float64")
 PRECISIONS = ("full", "tf32", "bf16")
 LOADERS = ("auto", "memory", "stream")
+INITS = ("auto", "uniform", "tied")
+PRE_BIASES = ("auto", "zero", "mean")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -75,6 +77,19 @@ class SAEConfig:
     ``penalty="l1"`` replaces the KL term by ``l1_coefficient * (1/m) sum_i ||a_i||_1`` on
     ReLU units with unit-norm decoder columns; ``penalty="topk"`` keeps the ``k`` largest
     pre-activations per example (Gao et al. 2024), optionally with the AuxK loss.
+
+    L1 and TopK start by default as Gao et al. do (``init="tied"``, ``pre_bias="mean"``):
+    the decoder bias b2, which is subtracted before the encoder, is the training data's
+    mean, and the encoder is the decoder's transpose. Without that (the exercise's start,
+    ``init="uniform"``, ``pre_bias="zero"``) on inputs that are not centred (the
+    exercise's patches have mean 0.5) each unit's pre-activation is dominated by an
+    offset 0.5 sum_i W1_ji that is the same for every example: the same few units win
+    every TopK selection, and units with a negative offset never pass the ReLU. On the
+    natural-image exercise only 18 of 25 units (97 of 256 at k=8) can ever be selected at
+    initialisation. With that start and a decayed encoder (the code before, commit
+    55424cc), TopK k=5 ended with 14 of 25 latents dead (L-BFGS) and 8 of 25 (Adam +
+    AuxK), L1 at 0.15 with 16 of 25, and the 64-256, k=8 Adam setting with 206 of 256;
+    with these defaults none is dead in any of them (``benchmarks/penalties.py``).
     """
 
     n_components: int = 25
@@ -86,8 +101,10 @@ class SAEConfig:
     beta: float = 3.0
     """Weight of the KL sparsity term, >= 0 (KL only)."""
     weight_decay: float = 1e-4
-    """lambda: weight of (1/2)(||W1||^2 + ||W2||^2), >= 0. Biases are not decayed; for L1
-    and TopK, whose decoder columns are unit-norm by construction, only W1 is decayed."""
+    """lambda: weight of (1/2)(||W1||^2 + ||W2||^2), >= 0 (KL only). Biases are not
+    decayed. L1 and TopK carry no weight decay: their decoder columns are unit-norm by
+    construction, and under Adam a decay of the encoder drives the rows of latents that
+    are not selected to 0 (see :func:`sae_core.objective.loss_terms`)."""
     l1_coefficient: float = 1e-3
     """Weight of the L1 activation penalty, >= 0 (L1 only)."""
     k: int | None = None
@@ -99,6 +116,16 @@ class SAEConfig:
     dead_window: int = 100_000
     """A latent that has not fired (> 1e-3) on this many consecutive training examples is
     dead for AuxK (Adam); the full-batch L-BFGS solver uses the whole batch instead."""
+    init: str = "auto"
+    """Initial weights: 'uniform' (the exercise's: W1 and W2 independent, uniform in
+    +/- sqrt(6 / (n + s + 1)), b1 = 0), 'tied' (decoder columns random unit-norm
+    directions, encoder W1 = W2^T, b1 = 0: Gao et al. 2024; L1/TopK only) or 'auto'
+    ('uniform' for KL, 'tied' for L1/TopK)."""
+    pre_bias: str = "auto"
+    """Start of the decoder bias b2, which L1/TopK subtract before encoding: 'zero', or
+    'mean' (the training data's mean, computed in float64 at the start of a fit, block by
+    block for a stream; a resumed fit keeps its own; L1/TopK only), or 'auto' ('zero' for
+    KL, whose b2 is the sigmoid output's bias; 'mean' for L1/TopK)."""
     solver: str = "lbfgs"
     """'lbfgs' (full batch, as in the original exercise) or 'adam' (mini-batch)."""
     max_iter: int = 400
@@ -157,6 +184,17 @@ class SAEConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 invalid_setting(name, "an integer >= 1", value)
+        if self.init not in INITS:
+            invalid_setting("init", f"one of {', '.join(INITS)}", self.init)
+        if self.pre_bias not in PRE_BIASES:
+            invalid_setting("pre_bias", f"one of {', '.join(PRE_BIASES)}", self.pre_bias)
+        if self.penalty == "kl" and self.init == "tied":
+            invalid_setting("init", "'auto' or 'uniform' for penalty='kl' (the exercise's "
+                            "initialisation)", self.init)
+        if self.penalty == "kl" and self.pre_bias == "mean":
+            invalid_setting("pre_bias", "'auto' or 'zero' for penalty='kl' (its b2 is the "
+                            "sigmoid output's bias, not subtracted before encoding)",
+                            self.pre_bias)
         if self.solver not in SOLVERS:
             invalid_setting("solver", f"one of {', '.join(SOLVERS)}", self.solver)
         if self.aux_k is not None and self.solver != "adam":
@@ -206,6 +244,20 @@ class SAEConfig:
     def effective_k(self) -> int:
         """k for TopK: the configured value, or n_components // 5 (at least 1)."""
         return self.k if self.k is not None else max(1, self.n_components // 5)
+
+    @property
+    def effective_init(self) -> str:
+        """'uniform' or 'tied': the configured value, or the penalty's default for 'auto'."""
+        if self.init != "auto":
+            return self.init
+        return "uniform" if self.penalty == "kl" else "tied"
+
+    @property
+    def effective_pre_bias(self) -> str:
+        """'zero' or 'mean': the configured value, or the penalty's default for 'auto'."""
+        if self.pre_bias != "auto":
+            return self.pre_bias
+        return "zero" if self.penalty == "kl" else "mean"
 
     @property
     def memory_budget_bytes(self) -> int:

@@ -42,8 +42,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     beta : float >= 0, default=3.0
         Weight of the KL term.
     weight_decay : float >= 0, default=1e-4
-        lambda of (lambda/2)(||W1||^2 + ||W2||^2) (L1/TopK: ||W1||^2 only, their decoder
-        being unit-norm).
+        lambda of (lambda/2)(||W1||^2 + ||W2||^2), KL only (L1/TopK carry no weight decay:
+        their decoder is unit-norm, and under Adam a decayed encoder kills latents).
     l1_coefficient : float >= 0, default=1e-3
     k : int or None, default=None
         Active units per example for TopK (None: n_components // 5).
@@ -52,6 +52,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     aux_coefficient : float, default=1/32
     dead_window : int, default=100_000
         Examples without firing after which a latent counts as dead (AuxK, Adam).
+    init : {"auto", "uniform", "tied"}, default="auto"
+        Starting weights: the exercise's uniform draw (KL's default) or Gao et al.'s
+        encoder = decoder transpose with unit-norm columns (L1/TopK's default).
+    pre_bias : {"auto", "zero", "mean"}, default="auto"
+        Starting decoder bias b2, subtracted before encoding by L1/TopK: the training
+        data's mean (L1/TopK's default) or 0 (KL's, whose b2 is the output bias).
     solver : {"lbfgs", "adam"}, default="lbfgs"
         Full-batch L-BFGS as in the exercise, or mini-batch Adam.
     max_iter : int, default=400
@@ -121,6 +127,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         aux_k: int | None = None,
         aux_coefficient: float = 1.0 / 32.0,
         dead_window: int = 100_000,
+        init: str = "auto",
+        pre_bias: str = "auto",
         solver: str = "lbfgs",
         max_iter: int = 400,
         tol: float = 1e-9,
@@ -147,6 +155,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.aux_k = aux_k
         self.aux_coefficient = aux_coefficient
         self.dead_window = dead_window
+        self.init = init
+        self.pre_bias = pre_bias
         self.solver = solver
         self.max_iter = max_iter
         self.tol = tol
@@ -255,6 +265,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             trainer = self._make_trainer(config, X.shape[1])
             if fitted:  # e.g. a model read with load(): continue from its weights
                 trainer.theta = self._theta_on(trainer.device, trainer.dtype)
+                trainer.needs_data_init = False
         trainer.fit_adam(trainer.as_data(X), epochs=1)
         self._publish(trainer)
         return self

@@ -26,6 +26,13 @@ The decoder is normalised by re-parameterisation rather than by projecting after
 step: the L1 penalty cannot be lowered by shrinking codes and growing decoder columns,
 and any optimiser (L-BFGS included, whose curvature pairs a projection would corrupt)
 sees a smooth objective.
+
+Initialisation (:func:`init_theta`): ``"uniform"`` is the exercise's (KL's default);
+``"tied"`` (L1/TopK's default, Gao et al. 2024) draws unit-norm decoder columns and sets
+W1 = W2^T, so every unit starts as a matched filter of its own decoder direction. With
+the decoder bias b2 set to the data mean (:func:`set_pre_bias`) the pre-activations of
+all units start centred on the same footing: no unit is selected or silenced by an
+offset shared by every example.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ def unpack(theta: torch.Tensor, n_features: int, n_components: int) -> Params:
     )
 
 
+INITS = ("uniform", "tied")
+
+
 def init_theta(
     n_features: int,
     n_components: int,
@@ -69,18 +79,40 @@ def init_theta(
     seed: int,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    init: str = "uniform",
 ) -> torch.Tensor:
-    """The exercise's initialisation: biases 0, weights uniform in +/- sqrt(6 / (n + s + 1)).
+    """Starting parameters; biases 0.
+
+    ``init="uniform"``: the exercise's, weights uniform in +/- sqrt(6 / (n + s + 1)).
+    ``init="tied"``: decoder columns W2[:, j] drawn uniformly on the unit sphere
+    (normalised Gaussians), encoder W1 = W2^T (unit-norm rows).
 
     Drawn in float64 on the CPU from a seeded generator, then cast and moved, so the
     same seed gives the same starting point on every device and in every dtype.
     """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
     n, s = n_features, n_components
-    r = math.sqrt(6.0 / (n + s + 1))
     gen = torch.Generator().manual_seed(seed)
     theta = torch.zeros(n_parameters(n, s), dtype=torch.float64)
-    theta[: 2 * s * n] = torch.rand(2 * s * n, generator=gen, dtype=torch.float64) * (2 * r) - r
+    if init == "uniform":
+        r = math.sqrt(6.0 / (n + s + 1))
+        theta[: 2 * s * n] = torch.rand(2 * s * n, generator=gen, dtype=torch.float64) * (2 * r) - r
+    else:
+        p = unpack(theta, n, s)
+        D = torch.randn(n, s, generator=gen, dtype=torch.float64)
+        D /= D.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        p.W2.copy_(D)
+        p.W1.copy_(D.t())
     return theta.to(device=device, dtype=dtype)
+
+
+def set_pre_bias(theta: torch.Tensor, n_features: int, n_components: int,
+                 value: torch.Tensor) -> None:
+    """b2 = value (n,) in place: the decoder bias, which L1/TopK subtract before encoding
+    (set to the data mean at the start of a fit, so the encoder sees centred inputs)."""
+    with torch.no_grad():
+        unpack(theta, n_features, n_components).b2.copy_(value)
 
 
 def decoder_matrix(p: Params, penalty: str) -> torch.Tensor:

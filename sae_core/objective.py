@@ -68,12 +68,15 @@ def loss_terms(
         X_hat = torch.sigmoid(X_hat)
     zero = X.new_zeros((), dtype=torch.float64)
     recon = P.reconstruction_error(X_hat, X)
-    # L1/TopK: the decoder is W2 / ||W2|| column-wise, so the loss does not depend on the
-    # column norms and decaying W2 would only shrink them towards 0 (no minimum, an
-    # ill-conditioned fit): decay the encoder alone
-    decay = P.weight_decay_term(
-        config.weight_decay, p.W1, p.W2 if config.penalty == "kl" else None
-    )
+    # weight decay is Ng's (KL) alone. L1/TopK: the loss does not depend on the norms of
+    # W2's columns (the decoder is W2 / ||W2||), and decaying the encoder kills latents
+    # under Adam: a latent the selection leaves out gets no gradient but lambda W1_j,
+    # which Adam scales to full-size steps towards 0, so it never wins again (51 of 256
+    # dead at 64-256, k=8, against none without; benchmarks/penalties.py)
+    if config.penalty == "kl":
+        decay = P.weight_decay_term(config.weight_decay, p.W1, p.W2)
+    else:
+        decay = zero
     if config.penalty == "kl":
         sparsity = P.kl_sparsity(A, config.rho, config.beta)
     elif config.penalty == "l1":

@@ -31,15 +31,11 @@ def reconstruction_error(X_hat: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return 0.5 * (diff * diff).sum(dtype=torch.float64) / X.shape[0]
 
 
-def weight_decay_term(
-    weight_decay: float, W1: torch.Tensor, W2: torch.Tensor | None
-) -> torch.Tensor:
-    """(lambda / 2) (||W1||_F^2 + ||W2||_F^2); biases are not decayed. ``W2=None`` decays
-    the encoder only (the L1/TopK models, whose decoder is unit-norm by construction)."""
+def weight_decay_term(weight_decay: float, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+    """(lambda / 2) (||W1||_F^2 + ||W2||_F^2) of Ng's model; biases are not decayed (the
+    L1/TopK models carry no weight decay: :func:`sae_core.objective.loss_terms`)."""
     f64 = torch.float64
-    total = (W1 * W1).sum(dtype=f64)
-    if W2 is not None:
-        total = total + (W2 * W2).sum(dtype=f64)
+    total = (W1 * W1).sum(dtype=f64) + (W2 * W2).sum(dtype=f64)
     return 0.5 * weight_decay * total
 
 

@@ -25,7 +25,7 @@ from sae_core.batches import InMemoryBatches, StreamedBatches, epoch_order
 from sae_core.config import SAEConfig
 from sae_core.device import check_precision, matmul_precision, resolve_device, resolve_dtype
 from sae_core.lbfgs import LBFGS, LBFGSState
-from sae_core.model import init_theta
+from sae_core.model import init_theta, set_pre_bias
 from sae_core.objective import TERM_NAMES, Evaluation, make_objective
 from sae_core.outputs import safetensors_with
 from sae_core.rows import RowSource
@@ -84,6 +84,24 @@ def data_fingerprint(X: torch.Tensor | RowSource, dtype: torch.dtype | None = No
     return h.hexdigest()
 
 
+def column_mean(X: torch.Tensor | RowSource, device: torch.device, dtype: torch.dtype,
+                rows: int = 65_536) -> torch.Tensor:
+    """Per-feature mean of X (m, n), float64 (n,) on ``device``: each block of ``rows``
+    rows taken as ``dtype`` (the values training sees) and summed in float64 on the
+    device, the block sums added in order. A RowSource is read block by block; the same
+    data give the same bytes streamed or in memory."""
+    if isinstance(X, RowSource):
+        blocks = (torch.as_tensor(b).to(device=device, dtype=dtype) for b in X.blocks(rows))
+    else:
+        blocks = (X[a : a + rows] for a in range(0, X.shape[0], rows))
+    total = torch.zeros(X.shape[1], dtype=torch.float64, device=device)
+    with warnings.catch_warnings():  # a memory-mapped store is read-only; never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for block in blocks:
+            total += block.sum(dim=0, dtype=torch.float64)
+    return total / X.shape[0]
+
+
 class Trainer:
     """Fit one sparse autoencoder.
 
@@ -135,8 +153,12 @@ class Trainer:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         self.seed = seed
         self.theta = init_theta(
-            n_features, config.n_components, seed=seed, dtype=self.dtype, device=self.device
+            n_features, config.n_components, seed=seed, dtype=self.dtype, device=self.device,
+            init=config.effective_init,
         )
+        # b2 = the data mean (pre_bias 'mean'), set by the first fit on data; False once
+        # set, after a resume, or for weights given from outside (partial_fit on a model)
+        self.needs_data_init = config.effective_pre_bias == "mean"
         self.history: list[dict[str, float]] = []
         self.iteration = 0
         self.stop_reason: str | None = None
@@ -190,6 +212,13 @@ class Trainer:
             self._fingerprint_memo = (key, data_fingerprint(X, self.dtype))
         return self._fingerprint_memo[1]
 
+    def init_from_data(self, X: torch.Tensor | RowSource) -> None:
+        """The data-dependent start, once: b2 = the mean of X (``config.pre_bias``)."""
+        if self.needs_data_init:
+            mean = column_mean(X, self.device, self.dtype)
+            set_pre_bias(self.theta, self.n_features, self.config.n_components, mean)
+            self.needs_data_init = False
+
     def _check_data(self, X: torch.Tensor) -> None:
         if not self.fingerprint_data:
             return
@@ -206,6 +235,7 @@ class Trainer:
         """Full-batch L-BFGS on X (m, n) until ``config.max_iter`` iterations or convergence."""
         cfg = self.config
         self._check_data(X)
+        self.init_from_data(X)
         threads = torch.get_num_threads()
         # On the CPU the fused KL objective spreads fixed column blocks over the threads,
         # each block with single-threaded BLAS: faster than one multi-threaded call on
@@ -292,6 +322,7 @@ class Trainer:
             batches = InMemoryBatches(X)
         if self.fingerprint_data:
             self.fingerprint = self.fingerprint_of(X)
+        self.init_from_data(X)
         adam = self._ensure_adam()
         param = self._adam_param
         m = batches.shape[0]
@@ -405,6 +436,7 @@ class Trainer:
             return t.to(dev) if t.is_floating_point() else t
 
         self.theta = tensor("theta").to(self.dtype)
+        self.needs_data_init = False  # the checkpoint's b2 is its own start, kept
         self._rng_state = torch.from_numpy(np.array(arrays["rng_state"]))
         self._since_fired = torch.from_numpy(np.array(arrays["since_fired"]))
         self.iteration = int(meta["iteration"])

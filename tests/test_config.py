@@ -36,6 +36,10 @@ BAD_SETTINGS = [
     ("aux_k", 2, "None unless solver='adam'"),
     ("max_iter", 0, ">= 1"),
     ("dead_window", 0, ">= 1"),
+    ("init", "xavier", "auto, uniform, tied"),
+    ("init", "tied", "'auto' or 'uniform' for penalty='kl'"),
+    ("pre_bias", "median", "auto, zero, mean"),
+    ("pre_bias", "mean", "'auto' or 'zero' for penalty='kl'"),
     ("lbfgs_history", 0, ">= 1"),
     ("batch_size", 0, ">= 1"),
     ("learning_rate", 0.0, "> 0"),
@@ -123,3 +127,14 @@ def test_numpy_scalars_accepted():
     assert cfg.rho == 0.05
     cfg = SAEConfig(n_components=np.int64(8), max_iter=np.int64(10), k=np.int64(2))
     assert cfg.n_components == 8
+
+
+def test_init_and_pre_bias_defaults_depend_on_the_penalty():
+    # KL keeps the exercise's start; L1/TopK start as Gao et al. (2024)
+    kl = SAEConfig()
+    assert (kl.effective_init, kl.effective_pre_bias) == ("uniform", "zero")
+    for penalty in ("l1", "topk"):
+        cfg = SAEConfig(penalty=penalty)
+        assert (cfg.effective_init, cfg.effective_pre_bias) == ("tied", "mean")
+        old = SAEConfig(penalty=penalty, init="uniform", pre_bias="zero")
+        assert (old.effective_init, old.effective_pre_bias) == ("uniform", "zero")

@@ -250,3 +250,16 @@ def test_reused_gradient_is_one_tensor_with_fresh_values(X64, other_X):
     assert torch.equal(g2, FusedKLObjective(cfg)(theta, other).grad)
     fresh = FusedKLObjective(cfg)
     assert fresh(theta, X64).grad is not fresh(theta, X64).grad
+
+
+@pytest.mark.parametrize("penalty", ["l1", "topk"])
+def test_l1_and_topk_carry_no_weight_decay(X64, penalty):
+    """Ng's weight decay is the KL model's alone: for L1/TopK lambda changes neither the
+    loss nor the gradient (an encoder decay would walk unselected latents to 0 under
+    Adam)."""
+    theta = _theta(X64.shape[1], 7)
+    evs = [AutogradObjective(SAEConfig(n_components=7, penalty=penalty, weight_decay=lam,
+                                       dtype="float64"))(theta, X64) for lam in (0.0, 0.1)]
+    assert float(evs[1].terms[TERM_NAMES.index("weight_decay")]) == 0.0
+    assert float(evs[0].loss) == float(evs[1].loss)
+    assert torch.equal(evs[0].grad, evs[1].grad)

@@ -51,6 +51,8 @@ def test_streamed_and_in_memory_training_give_the_same_model(store, settings):
     a, b = fits["stream"], fits["memory"]
     assert np.array_equal(a.components_, b.components_)
     assert np.array_equal(a.decoder_, b.decoder_)
+    # L1/TopK start with b2 at the data mean, read block by block from the stream
+    assert np.array_equal(a.intercept_visible_, b.intercept_visible_)
     assert a.history_ == b.history_
     # and the batches really differ from another seed's: the order is what is shared
     other = SparseAutoencoder(16, solver="adam", batch_size=128, max_iter=3, device="cpu",

@@ -414,3 +414,139 @@ def test_lbfgs_fit_bytes_do_not_depend_on_torch_thread_count():
         torch.set_num_threads(before)
     assert np.array_equal(fits[0].components_, fits[1].components_)
     assert fits[0].history_ == fits[1].history_
+
+
+# ----------------------------------------------------------------- L1/TopK start from data
+class StartCapture(Callback):
+    """theta as the first iteration will see it (on_fit_start comes after the data init)."""
+
+    def __init__(self):
+        self.thetas = []
+
+    def on_fit_start(self, trainer):
+        self.thetas.append(trainer.theta.detach().clone())
+
+
+def start_params(trainer_or_capture, n, s):
+    from sae_core import model as M
+
+    return M.unpack(trainer_or_capture.thetas[0], n, s)
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "adam"])
+@pytest.mark.parametrize("penalty", ["l1", "topk"])
+def test_l1_topk_start_tied_with_b2_at_the_data_mean(small_X, penalty, solver):
+    cap = StartCapture()
+    cfg = SAEConfig(n_components=6, solver=solver, max_iter=1, batch_size=50, device="cpu",
+                    dtype="float64", **PENALTY_KW[penalty])
+    Trainer(cfg, 16, [cap]).fit(small_X)
+    p = start_params(cap, 16, 6)
+    np.testing.assert_allclose(p.b2.numpy(), small_X.mean(axis=0), rtol=0, atol=1e-15)
+    assert torch.equal(p.W1, p.W2.t())
+    np.testing.assert_allclose(p.W2.norm(dim=0).numpy(), 1.0, rtol=0, atol=1e-14)
+
+
+def test_the_old_start_stays_selectable(small_X):
+    cap = StartCapture()
+    cfg = SAEConfig(n_components=6, penalty="topk", k=2, init="uniform", pre_bias="zero",
+                    max_iter=1, device="cpu")
+    Trainer(cfg, 16, [cap]).fit(small_X)
+    from sae_core.model import init_theta
+
+    assert torch.equal(cap.thetas[0], init_theta(16, 6, seed=0))
+
+
+def test_kl_start_is_the_exercise_untouched_by_the_data(small_X):
+    from sae_core.model import init_theta
+
+    cap = StartCapture()
+    for solver in ("lbfgs", "adam"):
+        Trainer(SAEConfig(n_components=6, solver=solver, max_iter=1, device="cpu"), 16,
+                [cap]).fit(small_X)
+    for theta in cap.thetas:
+        assert torch.equal(theta, init_theta(16, 6, seed=0))
+
+
+def test_the_data_start_is_deterministic(small_X):
+    fits = [fit(small_X, n_components=6, penalty="topk", k=2, solver="adam", max_iter=3,
+                batch_size=32) for _ in range(2)]
+    assert np.array_equal(fits[0].components_, fits[1].components_)
+    assert np.array_equal(fits[0].intercept_visible_, fits[1].intercept_visible_)
+    assert fits[0].history_ == fits[1].history_
+
+
+def test_column_mean_is_the_same_bytes_streamed_or_in_memory():
+    import warnings
+
+    from sae_core.rows import RowSource
+
+    X = np.random.default_rng(0).uniform(0.1, 0.9, size=(1003, 7)).astype(np.float32)
+    X.flags.writeable = False  # as a memory-mapped store: read without torch's warning
+    dev = torch.device("cpu")
+    for rows in (10, 64, 65_536):  # blocks that split X unevenly, and one block
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            streamed = T.column_mean(RowSource(X), dev, torch.float32, rows=rows)
+        in_memory = T.column_mean(torch.from_numpy(X), dev, torch.float32, rows=rows)
+        assert streamed.dtype == torch.float64
+        assert torch.equal(streamed, in_memory)
+        np.testing.assert_allclose(streamed.numpy(), X.astype(np.float64).mean(axis=0),
+                                   rtol=1e-13)
+
+
+def test_resume_keeps_its_own_b2_and_does_not_start_again(small_X, other_X):
+    cfg = SAEConfig(n_components=6, penalty="topk", k=2, solver="adam", max_iter=4,
+                    batch_size=50, device="cpu")
+    first = Trainer(cfg, 16)
+    first.fit_adam(first.as_data(small_X), epochs=2)
+    arrays, meta = first.state_dict()
+
+    cap = StartCapture()
+    resumed = Trainer(cfg, 16, [cap])
+    assert resumed.needs_data_init
+    resumed.load_state_dict(arrays, meta)
+    assert not resumed.needs_data_init
+    # data with another mean: a fresh start would move b2 there; the resume must not
+    resumed.fit_adam(resumed.as_data(other_X + 0.05), epochs=1)
+    assert torch.equal(cap.thetas[0], first.theta)
+
+
+def test_partial_fit_of_a_loaded_model_keeps_its_b2(tmp_path, small_X):
+    sae = fit(small_X, n_components=6, penalty="topk", k=2, solver="adam", max_iter=2,
+              batch_size=50)
+    sae.save(tmp_path / "m")
+    loaded = SparseAutoencoder.load(tmp_path / "m")
+    cap = StartCapture()
+    loaded.set_params(callbacks=[cap], device="cpu")
+    loaded.partial_fit(small_X + 0.05)
+    from sae_core import model as M
+
+    assert np.array_equal(M.unpack(cap.thetas[0], 16, 6).b2.numpy(), sae.intercept_visible_)
+
+
+@pytest.mark.parametrize("penalty", ["l1", "topk"])
+def test_weight_decay_does_not_apply_to_l1_topk(small_X, penalty):
+    # under Adam, a decayed encoder row of an unselected latent goes to 0 in full-size steps
+    fits = [fit(small_X, n_components=6, solver="adam", max_iter=3, batch_size=32,
+                weight_decay=wd, **PENALTY_KW[penalty]) for wd in (0.0, 0.5)]
+    assert np.array_equal(fits[0].components_, fits[1].components_)
+    assert all(r["weight_decay"] == 0.0 for r in fits[1].history_)
+
+
+def test_topk_keeps_its_latents_where_the_old_start_kills_them():
+    """Uncentred data (mean 0.5, as the exercise's patches): with b2 = 0 and an untied
+    encoder the same units win every TopK selection; the tied start at the data mean
+    keeps every latent alive."""
+    from sae_core.patches import normalize_ufldl
+    from sae_core.stats import sparsity_stats
+
+    rng = np.random.default_rng(0)
+    X = normalize_ufldl(rng.laplace(size=(2000, 16)) @ rng.normal(size=(16, 16)))
+    kw = dict(n_components=32, penalty="topk", k=3, solver="adam", max_iter=10,
+              batch_size=100)
+    old = fit(X, init="uniform", pre_bias="zero", **kw)
+    new = fit(X, **kw)
+    old_stats, new_stats = sparsity_stats(old, X), sparsity_stats(new, X)
+    assert old_stats.dead_units >= 8
+    assert new_stats.dead_units == 0
+    assert new_stats.fvu < 0.5 * old_stats.fvu
