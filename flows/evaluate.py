@@ -1,6 +1,7 @@
 """Stage 4, evaluate: the model + the held-out patches -> the sparsity statistics
 (``metrics/sparsity.json``, per unit as Parquet) and the pictures and plot data that show
-what the sparsity term did to the hidden units. Adds them to the pipeline's MLflow run."""
+what the sparsity term did to the hidden units; + the train stage's dynamics table -> the
+picture of how it did it over training. Adds them to the pipeline's MLflow run."""
 
 from __future__ import annotations
 
@@ -20,11 +21,15 @@ from flows.stage_support import (
 KEYS = {"split", "n_reconstructions"}
 
 
-def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filters_png: str,
-             rho_hat_png: str, rho_hat_csv: str, loss_png: str, reconstructions_png: str,
+def evaluate(model: str, patches: str, dynamics: str, sparsity_metrics: str, units: str,
+             filters_png: str, rho_hat_png: str, rho_hat_csv: str, loss_png: str,
+             reconstructions_png: str, dynamics_png: str,
              params_file: str = "params.yaml") -> dict:
     """Statistics on ``evaluate.split`` ('heldout', the default, or 'train') of the store."""
+    import numpy as np
+
     from sae_core import SparseAutoencoder, tables
+    from sae_core.dynamics import read_dynamics
     from sae_core.outputs import PNG, check_paths
     from sae_core.patch_store import read_patch_store
     from sae_core.stats import SPARSITY_METRICS, UNITS
@@ -32,14 +37,22 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
     c = tracking.client() if tracking_enabled() else None
     params, cfg = read_section(params_file, "evaluate", KEYS)
     split, n_pairs = evaluate_settings(cfg, params_file)
-    check_paths(inputs={"params": params_file, "model": model, "patches": patches},
+    check_paths(inputs={"params": params_file, "model": model, "patches": patches,
+                        "dynamics": dynamics},
                 outputs={"sparsity_metrics": (sparsity_metrics, SPARSITY_METRICS),
                          "units": (units, UNITS), "filters_png": (filters_png, PNG),
                          "rho_hat_png": (rho_hat_png, PNG),
                          "rho_hat_csv": (rho_hat_csv, tables.RHO_HAT_CSV),
                          "loss_png": (loss_png, PNG),
-                         "reconstructions_png": (reconstructions_png, PNG)})
+                         "reconstructions_png": (reconstructions_png, PNG),
+                         "dynamics_png": (dynamics_png, PNG)})
     sae = SparseAutoencoder.load(model)
+    dyn = read_dynamics(dynamics)
+    # the last sample is the fitted model: its biases must be the model's, bit for bit
+    if dyn.b1.shape[1] != sae.n_components or not np.array_equal(
+            dyn.b1[-1], np.asarray(sae.intercept_hidden_, dtype=np.float64)):
+        raise ValueError(f"{dynamics}: recorded for another model than {model} (re-run the "
+                         "train stage)")
     store = read_patch_store(patches)
     X = evaluation_patches(store, split, patches)
     run_id = None
@@ -54,7 +67,8 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
                 "sparsity_metrics": sparsity_metrics, "units": units,
                 "filters_png": filters_png, "rho_hat_png": rho_hat_png,
                 "rho_hat_csv": rho_hat_csv, "loss_png": loss_png,
-                "reconstructions_png": reconstructions_png})
+                "reconstructions_png": reconstructions_png, "dynamics_png": dynamics_png},
+                dynamics=dyn)
         near = metrics.get("frac_units_near_target")
         print(f"evaluate: {X.shape[0]} {split} patches; rho_hat in "
               f"[{metrics['rho_hat_min']:.4f}, {metrics['rho_hat_max']:.4f}]"
@@ -65,7 +79,7 @@ def evaluate(model: str, patches: str, sparsity_metrics: str, units: str, filter
             tracking.log_stage(c, run_id, "sparsity", metrics=metrics, artifacts={
                 "sparsity": sparsity_metrics, "units": units, "filters": filters_png,
                 "rho_hat": rho_hat_png, "rho_hat_csv": rho_hat_csv, "loss": loss_png,
-                "reconstructions": reconstructions_png})
+                "reconstructions": reconstructions_png, "dynamics": dynamics_png})
             tracking.complete_stage(c, run_id, "evaluate")
             print(f"evaluate: added to MLflow run {run_id}")
     return {**metrics, "seconds": timer["seconds"]}
@@ -98,12 +112,14 @@ def evaluation_patches(store, split: str, patches: str):
 
 
 def write_evaluation(sae, X, patch_shape: tuple[int, ...], split: str, n_pairs: int,
-                     out: dict[str, str]) -> dict:
+                     out: dict[str, str], dynamics=None) -> dict:
     """The sparsity statistics of ``sae`` on X (m, n) and the pictures of its hidden units,
-    written to ``out`` (keys: the evaluate stage's output names); returns the metrics."""
+    written to ``out`` (keys: the evaluate stage's output names); with ``dynamics`` (the
+    fit's :class:`sae_core.dynamics.Dynamics`), also the picture of its units over
+    training (``dynamics_png``). Returns the metrics."""
     import numpy as np
 
-    from sae_core import plots, tables
+    from sae_core import dynamics_plots, plots, tables
     from sae_core.io import write_json
     from sae_core.stats import SPARSITY_METRICS, sparsity_stats, write_per_unit
 
@@ -121,6 +137,8 @@ def write_evaluation(sae, X, patch_shape: tuple[int, ...], split: str, n_pairs: 
     pick = np.asarray(X[: min(n_pairs, X.shape[0])])
     plots.save_figure(plots.reconstructions_figure(pick, sae.reconstruct(pick), patch_shape),
                       out["reconstructions_png"])
+    if dynamics is not None:
+        plots.save_figure(dynamics_plots.dynamics_figure(dynamics), out["dynamics_png"])
     return metrics
 
 

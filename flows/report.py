@@ -1,12 +1,16 @@
 """``saeflow report``: an HTML report of one pipeline run, or a comparison of several
 (settings against metrics, the pictures side by side, and for a sweep over one setting the
-rho_hat spread and downstream accuracy against it). The runs and their pictures come from
+rho_hat spread and downstream accuracy against it). Runs that recorded their units'
+dynamics get the answer, from their own numbers, to how the sparsity term switches the
+units off (:mod:`sae_core.answer`), and several of them the dynamics and the final rho_hat
+histograms side by side (:mod:`sae_core.dynamics_plots`). The runs and their pictures come from
 MLflow; the page is written by :mod:`sae_core.report`, logged to MLflow and published as a
 Prefect artifact."""
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow
@@ -16,14 +20,17 @@ from flows.audit import matches, parse_filter
 
 PICTURES = {"filters": "sparsity/filters.png", "rho_hat histogram": "sparsity/rho_hat.png",
             "loss decomposition": "sparsity/loss.png",
-            "inputs and reconstructions": "sparsity/reconstructions.png"}
+            "inputs and reconstructions": "sparsity/reconstructions.png",
+            "the units over training": "sparsity/dynamics.png"}
 UNITS = "sparsity/units.parquet"
+DYNAMICS = "train/dynamics.parquet"
 KEY_METRICS = ("train/loss", "train/reconstruction", "train/sparsity", "train/iterations",
                "sparsity/rho_hat_mean", "sparsity/rho_hat_min", "sparsity/rho_hat_max",
                "sparsity/frac_units_near_target", "sparsity/dead_units", "sparsity/kl_total",
                "sparsity/l0_mean", "sparsity/hoyer_mean", "sparsity/kurtosis_mean",
-               "sparsity/fvu", "score/accuracy", "score/raw_accuracy", "score/macro_f1",
-               "score/raw_macro_f1")
+               "sparsity/lifetime_sparseness_mean", "sparsity/population_sparseness_mean",
+               "sparsity/active_fraction_mean", "sparsity/fvu", "score/accuracy",
+               "score/raw_accuracy", "score/macro_f1", "score/raw_macro_f1")
 """The metrics the report tables show, in this order (all are in MLflow)."""
 SWEEPABLE = ("train.beta", "train.k", "train.l1_coefficient", "train.rho",
              "train.weight_decay", "train.n_components")
@@ -94,6 +101,39 @@ def sweep_setting(runs) -> str | None:
     return differs[0] if len(differs) == 1 else None
 
 
+def _side_by_side(runs, labels, setting, dyns, finals) -> dict[str, bytes]:
+    """Overview pictures of several runs: their units over training, and their final
+    rho_hat histograms (e.g. a beta sweep), side by side, in the order of the swept
+    setting when there is one (at most :data:`sae_core.dynamics_plots.MAX_RUNS`)."""
+    from sae_core.dynamics_plots import (
+        MAX_RUNS,
+        dynamics_comparison_figure,
+        rho_hat_histograms_figure,
+    )
+    from sae_core.plots import figure_png
+
+    if len(runs) < 2:
+        return {}
+    order = list(range(len(runs)))
+    names = list(labels)
+    if setting:
+        order.sort(key=lambda i: float(runs[i].data.params[setting]))
+        names = [f"{setting.split('.')[-1]} = {r.data.params[setting]}" for r in runs]
+    out = {}
+    have = [i for i in order if dyns[i] is not None][:MAX_RUNS]
+    if len(have) > 1:
+        out["the units over training, side by side"] = figure_png(dynamics_comparison_figure(
+            [dyns[i] for i in have], [names[i] for i in have]))
+    have = [i for i in order if finals[i] is not None][:MAX_RUNS]
+    rhos = {runs[i].data.params.get("train.rho") for i in have}
+    kl = {runs[i].data.params.get("train.penalty") for i in have} == {"kl"}
+    if len(have) > 1:
+        out["final rho_hat per unit, side by side"] = figure_png(rho_hat_histograms_figure(
+            [finals[i] for i in have], [names[i] for i in have],
+            rho=float(next(iter(rhos))) if kl and len(rhos) == 1 else None))
+    return out
+
+
 def _log_report(c, runs, out: str, experiment: str) -> str | None:
     """Log the page to the run it reports (or to a new run, for several): the run id; None,
     with a notice, where the store is read-only (the report is then only the file)."""
@@ -127,6 +167,8 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
     import numpy as np
     from prefect.artifacts import create_markdown_artifact
 
+    from sae_core.answer import answers
+    from sae_core.dynamics import read_dynamics
     from sae_core.outputs import HTML, check_target
     from sae_core.plots import figure_png
     from sae_core.report import RunSummary, write_report
@@ -139,7 +181,7 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
     differing = [k for k in sorted({k for r in runs for k in r.data.params})
                  if len({r.data.params.get(k) for r in runs}) > 1]
     labels = _labels(runs, differing)
-    summaries, rho_hats = [], []
+    summaries, rho_hats, finals, dyns = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="saeflow-report-") as tmp, tracking.quiet():
         for run, label in zip(runs, labels, strict=True):
             local = Path(tmp) / run.info.run_id
@@ -153,14 +195,22 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
                 columns, _ = read_per_unit(c.download_artifacts(run.info.run_id, UNITS,
                                                                 str(local)))
                 rho_hats.append(columns["rho_hat"])
+            finals.append(columns["rho_hat"] if UNITS in have else None)
+            trained = {a.path for a in c.list_artifacts(run.info.run_id, "train")}
+            dyns.append(read_dynamics(c.download_artifacts(run.info.run_id, DYNAMICS,
+                                                           str(local)))
+                        if DYNAMICS in trained else None)
             summaries.append(RunSummary(
                 name=label,
                 params=dict(sorted(run.data.params.items())),
                 metrics={k: run.data.metrics[k] for k in KEY_METRICS if k in run.data.metrics},
                 pictures=pictures,
                 run_id=run.info.run_id))
+    summaries = [replace(s, answer=[a.text for a in sentences])
+                 for s, sentences in zip(summaries, answers(dyns), strict=True)]
     overview = {}
     setting = sweep_setting(runs) if len(runs) > 1 else None
+    overview.update(_side_by_side(runs, labels, setting, dyns, finals))
     if setting and len(rho_hats) == len(runs):
         order = np.argsort([float(r.data.params[setting]) for r in runs])
         acc = [runs[i].data.metrics.get("score/accuracy") for i in order]

@@ -34,8 +34,10 @@ def summary_text(dvc_yaml: str = "dvc.yaml") -> str:
     lines = ["", "saeflow pipeline summary", ""]
     lines.append(f"  model     {paths['model']}/ (safetensors + config.json)")
     lines.append(f"  metrics   {paths['train_metrics']}, {paths['sparsity_metrics']}, "
-                 f"{paths['score_metrics']}; per unit: {paths['units']}")
-    pics = [paths[k] for k in ("filters_png", "rho_hat_png", "loss_png", "reconstructions_png")]
+                 f"{paths['score_metrics']}; per unit: {paths['units']}; over training: "
+                 f"{paths['dynamics']}")
+    pics = [paths[k] for k in ("filters_png", "rho_hat_png", "loss_png", "reconstructions_png",
+                               "dynamics_png")]
     lines.append(f"  plots     {', '.join(pics)}")
     lines.append(f"            {paths['loss_csv']}, {paths['rho_hat_csv']} (dvc plots show)")
     lines.append("")

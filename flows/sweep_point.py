@@ -122,8 +122,10 @@ def _score_inputs(labeled: str, transform: str, patches: str, stamp: tuple) -> d
 def _compute(job: PointJob, tmp: Path) -> tuple[Any, dict, dict[str, Path]]:
     from flows.evaluate import evaluate_settings, evaluation_patches, write_evaluation
     from flows.score import score_model
+    from flows.train import train_settings
     from sae_core import SparseAutoencoder
     from sae_core.config import SAEConfig
+    from sae_core.dynamics import DynamicsRecorder, write_dynamics
     from sae_core.patch_store import read_patch_store
     from sae_core.score import ScoreConfig
     from sae_core.tables import write_loss_csv
@@ -131,7 +133,8 @@ def _compute(job: PointJob, tmp: Path) -> tuple[Any, dict, dict[str, Path]]:
     where = f"point {job.index}"
     p = job.params
     try:
-        SAEConfig(**p["train"])
+        model_settings, every = train_settings(p["train"], where)
+        SAEConfig(**model_settings)
         score_config = ScoreConfig.from_dict(p["score"])
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {exc}") from None
@@ -139,14 +142,20 @@ def _compute(job: PointJob, tmp: Path) -> tuple[Any, dict, dict[str, Path]]:
     store = read_patch_store(job.patches)
     # as the pipeline's stages name them on their MLflow run: train/loss.csv, sparsity/...
     files = {name: tmp / folder / name for folder, names in (
-        ("train", ("loss.csv",)),
+        ("train", ("loss.csv", "dynamics.parquet")),
         ("sparsity", ("sparsity.json", "units.parquet", "filters.png", "rho_hat.png",
-                      "rho_hat.csv", "loss.png", "reconstructions.png"))) for name in names}
+                      "rho_hat.csv", "loss.png", "reconstructions.png", "dynamics.png")))
+        for name in names}
     for f in files.values():
         f.parent.mkdir(exist_ok=True)
-    sae = SparseAutoencoder(**p["train"]).fit(store.rows("train"))
+    rows = store.rows("train")
+    recorder = DynamicsRecorder(rows, every=every, seed=model_settings.get("random_state") or 0)
+    sae = SparseAutoencoder(**model_settings, callbacks=[recorder]).fit(rows)
+    sae.callbacks = None
     sae.save(tmp / "model")
     write_loss_csv(files["loss.csv"], sae.history_)
+    dynamics = recorder.result()
+    write_dynamics(files["dynamics.parquet"], dynamics)
     last = sae.history_[-1]
     train = {k: float(last[k]) for k in TRAIN_METRICS}
     train["iterations"] = int(sae.n_iter_)
@@ -155,7 +164,8 @@ def _compute(job: PointJob, tmp: Path) -> tuple[Any, dict, dict[str, Path]]:
         "sparsity_metrics": files["sparsity.json"], "units": files["units.parquet"],
         "filters_png": files["filters.png"], "rho_hat_png": files["rho_hat.png"],
         "rho_hat_csv": files["rho_hat.csv"], "loss_png": files["loss.png"],
-        "reconstructions_png": files["reconstructions.png"]})
+        "reconstructions_png": files["reconstructions.png"],
+        "dynamics_png": files["dynamics.png"]}, dynamics=dynamics)
     stamp = tuple(os.stat(f).st_mtime_ns for f in (job.labeled, job.transform, job.patches))
     score = score_model(sae, score_config,
                         **_score_inputs(job.labeled, job.transform, job.patches, stamp))

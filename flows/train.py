@@ -1,5 +1,7 @@
 """Stage 3, train: the patch store + params.yaml ``train`` -> the fitted sparse autoencoder
-(safetensors + config.json), ``metrics/train.json`` and the per-iteration loss terms (CSV).
+(safetensors + config.json), ``metrics/train.json``, the per-iteration loss terms (CSV) and
+the hidden units' dynamics over training (Parquet, :mod:`sae_core.dynamics`, sampled every
+``train.dynamics_every`` iterations).
 
 It opens the pipeline's MLflow run: all params, provenance tags, the training metrics, and
 the model, registered with its sparsity settings as version tags."""
@@ -28,12 +30,27 @@ from sae_core.outputs import json_with_keys
 TRAIN_METRICS = ("loss", "reconstruction", "weight_decay", "sparsity")
 METRICS = json_with_keys("saeflow training metrics (JSON)", "loss", "iterations")
 """The kind of file the training metrics are written to."""
+EVERY_KEY = "dynamics_every"
+"""The one setting of the ``train`` section that is the stage's, not the model's."""
 
 
 def _allowed() -> set[str]:
     from sae_core.config import SAEConfig
 
-    return set(SAEConfig.__dataclass_fields__)
+    return set(SAEConfig.__dataclass_fields__) | {EVERY_KEY}
+
+
+def train_settings(section: dict, where: str) -> tuple[dict, int]:
+    """A ``train`` section as (the model's settings, the dynamics sampling interval);
+    a bad interval is a one-line ValueError naming ``where`` (a params file, a point)."""
+    from sae_core.dynamics import DEFAULT_EVERY, check_every
+
+    cfg = dict(section)
+    try:
+        every = check_every(cfg.pop(EVERY_KEY, DEFAULT_EVERY), f"train.{EVERY_KEY}")
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return cfg, every
 
 
 class _Progress:
@@ -55,7 +72,7 @@ class _Progress:
         pass
 
 
-def train(patches: str, model: str, train_metrics: str, loss_csv: str,
+def train(patches: str, model: str, train_metrics: str, loss_csv: str, dynamics: str,
           params_file: str = "params.yaml") -> dict:
     """Fit ``SparseAutoencoder(**params['train'])`` on the store's training patches.
 
@@ -64,6 +81,7 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
     failure after the run was opened ends it FAILED."""
     from sae_core import SparseAutoencoder
     from sae_core.config import SAEConfig
+    from sae_core.dynamics import DYNAMICS, DynamicsRecorder, write_dynamics
     from sae_core.io import MODEL, write_json
     from sae_core.outputs import check_paths
     from sae_core.patch_store import read_patch_store
@@ -71,21 +89,24 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
 
     c = tracking.client() if tracking_enabled() else None
     params, cfg = read_section(params_file, "train", _allowed())
+    cfg, every = train_settings(cfg, params_file)
     try:
         config = SAEConfig(**cfg)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{params_file}: train: {exc}") from None
     check_paths(inputs={"params": params_file, "patches": patches},
                 outputs={"model": (model, MODEL), "train_metrics": (train_metrics, METRICS),
-                         "loss_csv": (loss_csv, LOSS_CSV)})
+                         "loss_csv": (loss_csv, LOSS_CSV), "dynamics": (dynamics, DYNAMICS)})
     store = read_patch_store(patches)
     # the git state is read before any output exists (outputs make the tree look modified)
     run_id, tags = _open_run(c, params, store, patches, params_file) if c is not None \
         else (None, {})
     with tracking.failed_on_error(c, run_id), compute_timer("train") as timer:
-        sae = SparseAutoencoder(**cfg, callbacks=[_Progress(config.max_iter)])
+        rows = store.rows("train")
+        recorder = DynamicsRecorder(rows, every=every, seed=config.random_state or 0)
+        sae = SparseAutoencoder(**cfg, callbacks=[_Progress(config.max_iter), recorder])
         # a RowSource: Adam streams it when it exceeds train.memory_budget (train.loader)
-        sae.fit(store.rows("train"))
+        sae.fit(rows)
         sae.callbacks = None
         sae.save(model)
     with tracking.failed_on_error(c, run_id):
@@ -97,13 +118,14 @@ def train(patches: str, model: str, train_metrics: str, loss_csv: str,
         result["seconds"] = round(timer["seconds"], 3)
         write_json(train_metrics, result, METRICS)
         write_loss_csv(loss_csv, sae.history_)
+        write_dynamics(dynamics, recorder.result())
         n = sae.n_features_in_
         print(f"train: {n}-{sae.n_components}-{n} {sae.penalty} model, {sae.n_iter_} iterations "
               f"({sae.stop_reason_ or 'max_iter'}) in {timer['seconds']:.2f} s; "
               f"loss {result['loss']:.5f} -> {model}")
         if c is not None:
             _record(c, run_id, tags, params, store, sae, model, train_metrics, loss_csv,
-                    patches, result)
+                    dynamics, patches, result)
     return result
 
 
@@ -134,14 +156,14 @@ def _data_inputs(patches: str, store, params_file: str) -> list[str]:
     return inputs
 
 
-def _record(c, run_id, tags, params, store, sae, model, metrics, loss_csv, patches,
+def _record(c, run_id, tags, params, store, sae, model, metrics, loss_csv, dynamics, patches,
             result) -> None:
     _, registered = tracking_settings(params)
     data = {k: v for k, v in tags.items() if k.startswith("dvc.")}
     sha = model_sha256(model)
     tracking.tag_model(c, run_id, sha)
     tracking.log_stage(c, run_id, "train", metrics=result,
-                       artifacts={"metrics": metrics, "loss": loss_csv})
+                       artifacts={"metrics": metrics, "loss": loss_csv, "dynamics": dynamics})
     settings = {k: str(getattr(sae, k)) for k in tracking.SETTINGS}
     version = tracking.register_model(c, run_id, model, registered, {
         **settings, **data, "data.md5": data[f"dvc.md5:{Path(patches).as_posix()}"],

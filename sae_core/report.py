@@ -3,10 +3,12 @@
 :func:`render_report` turns a list of :class:`RunSummary` (a run's name, settings, metrics
 and pictures) into one HTML page:
 
-- one run: its settings, its metrics, its pictures with their captions;
+- one run: its settings, its metrics, the answer (sentences from its own numbers on how
+  the sparsity term switched its units off, when given), its pictures with their captions;
 - several runs: a comparison table with one row per run, whose columns are the settings
   that differ between the runs (highlighted) and the metrics; then the settings every run
-  shares; then each picture of the runs side by side, one row per caption.
+  shares; then each run's answer; then each picture of the runs side by side, one row per
+  caption.
 
 Pictures are PNG files or bytes embedded as base64 ``data:`` URIs, so the page needs no
 other file. The page is a Jinja2 template with autoescaping: every string from the input
@@ -67,6 +69,9 @@ class RunSummary:
     """Caption -> PNG path or bytes."""
     run_id: str | None = None
     """A tracking id (an MLflow run id, a DVC experiment name), shown beside the name."""
+    answer: Sequence[str] = ()
+    """Sentences answering how the sparsity term switched the units off, computed from the
+    run's own numbers (:mod:`sae_core.answer`); shown in the report's answer section."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -89,6 +94,9 @@ class RunSummary:
                     f"picture {caption!r} of run {self.name!r} must be a path or PNG bytes; "
                     f"got {type(picture).__name__}"
                 )
+        if isinstance(self.answer, str) or not all(isinstance(t, str) for t in self.answer):
+            raise ValueError(f"RunSummary answer of run {self.name!r} must be a sequence of "
+                             "strings")
         if self.run_id is not None and not isinstance(self.run_id, str):
             raise ValueError(f"RunSummary run_id of run {self.name!r} must be a string or None")
 
@@ -194,6 +202,7 @@ def _single(run: RunSummary) -> dict[str, Any]:
     return {"name": run.name, "run_id": run.run_id,
             "settings": [(k, format_value(v)) for k, v in flatten(run.params).items()],
             "metrics": [(k, format_metric(v)) for k, v in run.metrics.items()],
+            "answer": list(run.answer),
             "pictures": [(c, _uri(_png(run, c)), c) for c in run.pictures]}
 
 
@@ -219,6 +228,7 @@ def _comparison(runs: Sequence[RunSummary]) -> dict[str, Any]:
                             _uri(_png(run, caption)) if caption in run.pictures else None,
                             run.name) for run in runs]) for caption in captions]
     return {"differ": differ, "metrics": metrics, "rows": rows,
+            "answers": [(run.name, list(run.answer)) for run in runs if run.answer],
             "with_ids": any(r.run_id for r in runs),
             "shared": [(k, format_value(flat[0][k])) for k in flat[0] if k not in differ],
             "picture_rows": pictures}

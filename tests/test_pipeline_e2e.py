@@ -62,6 +62,25 @@ def test_every_declared_output_exists(project):
         assert f"Running stage '{stage}'" in project["first"].stdout
 
 
+def test_train_records_the_units_dynamics_and_evaluate_draws_them(project):
+    """The train stage's dynamics table covers the fit (iteration 0 to the last), shows the
+    units driven down, and reaches the MLflow run beside its picture."""
+    from sae_core.dynamics import read_dynamics
+
+    root = project["root"]
+    dyn = read_dynamics(root / _paths(root)["dynamics"])
+    assert dyn.iteration[0] == 0 and dyn.iteration[-1] == 40  # SMALL's max_iter
+    assert dyn.rho_hat.shape == (dyn.iteration.size, 25) and dyn.exact
+    assert dyn.rho_hat[-1].mean() < dyn.rho_hat[0].mean()
+    assert (root / _paths(root)["dynamics_png"]).read_bytes().startswith(b"\x89PNG")
+    run = _runs(root)[0]
+    c = _client(root)
+    assert "train/dynamics.parquet" in {a.path for a in c.list_artifacts(run.info.run_id,
+                                                                         "train")}
+    assert "sparsity/dynamics.png" in {a.path for a in c.list_artifacts(run.info.run_id,
+                                                                        "sparsity")}
+
+
 def test_metrics_have_the_design_keys_with_sane_values(project):
     root, paths = project["root"], _paths(project["root"])
     train = json.loads((root / paths["train_metrics"]).read_text())
@@ -203,6 +222,9 @@ def test_report_of_a_sweep_and_of_one_run(project):
     assert "3 run(s)" in done.stdout
     page = (root / "sweep.html").read_text()
     assert "sweep over train.beta" in page
+    assert "How the sparsity term switches the units off" in page
+    assert "the units over training, side by side" in page
+    assert "final rho_hat per unit, side by side" in page
     assert page.count("data:image/png;base64,") >= 3 * 4 + 1  # 4 pictures a run + the sweep
     c = _client(root)
     (report_run,) = [r for r in _runs(root) if "saeflow.report_of" in r.data.tags]

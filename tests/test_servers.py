@@ -224,11 +224,12 @@ STAGE_ARGS = {
     "patches": ["--images", "d/images.parquet", "--patches", "d/patches.arrow",
                 "--transform", "d/transform.safetensors"],
     "train": ["--patches", "d/patches.arrow", "--model", "m", "--train-metrics", "t.json",
-              "--loss-csv", "loss.csv"],
-    "evaluate": ["--model", "m", "--patches", "d/patches.arrow", "--sparsity-metrics",
+              "--loss-csv", "loss.csv", "--dynamics", "d.parquet"],
+    "evaluate": ["--model", "m", "--patches", "d/patches.arrow", "--dynamics", "d.parquet",
+                 "--sparsity-metrics",
                  "s.json", "--units", "u.parquet", "--filters-png", "f.png", "--rho-hat-png",
                  "r.png", "--rho-hat-csv", "r.csv", "--loss-png", "l.png",
-                 "--reconstructions-png", "rec.png"],
+                 "--reconstructions-png", "rec.png", "--dynamics-png", "dy.png"],
     "score": ["--model", "m", "--labeled", "d/labeled.parquet", "--transform",
               "d/transform.safetensors", "--patches", "d/patches.arrow", "--score-metrics",
               "sc.json"],
@@ -305,7 +306,8 @@ def test_a_stage_killed_by_sigkill_leaves_only_the_persistent_server(tmp_path):
         with open(log, "w") as fh:
             stage = subprocess.Popen(
                 [BIN / "saeflow", "stage", "train", "--patches", "p.arrow", "--model", "m",
-                 "--train-metrics", "t.json", "--loss-csv", "l.csv"], cwd=project,
+                 "--train-metrics", "t.json", "--loss-csv", "l.csv", "--dynamics",
+                 "d.parquet"], cwd=project,
                 env={**env, "SAEFLOW_TEST_MARK": tmp_path.name}, stdout=fh, stderr=fh)
         wait_for(lambda: "train: iteration" in log.read_text(), 300, "the fit", stage, log)
         stage.send_signal(signal.SIGKILL)

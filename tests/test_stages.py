@@ -36,10 +36,11 @@ def _run_all(tmp: Path, params: Path) -> dict[str, Path]:
     ingest(p["images"], p["images_manifest"], p["labeled"], p["labeled_manifest"],
            params_file=str(params))
     patches(p["images"], p["patches"], p["transform"], params_file=str(params))
-    train(p["patches"], p["model"], p["train_metrics"], p["loss_csv"], params_file=str(params))
-    evaluate(p["model"], p["patches"], p["sparsity_metrics"], p["units"], p["filters_png"],
-             p["rho_hat_png"], p["rho_hat_csv"], p["loss_png"], p["reconstructions_png"],
-             params_file=str(params))
+    train(p["patches"], p["model"], p["train_metrics"], p["loss_csv"], p["dynamics"],
+          params_file=str(params))
+    evaluate(p["model"], p["patches"], p["dynamics"], p["sparsity_metrics"], p["units"],
+             p["filters_png"], p["rho_hat_png"], p["rho_hat_csv"], p["loss_png"],
+             p["reconstructions_png"], p["dynamics_png"], params_file=str(params))
     score(p["model"], p["labeled"], p["transform"], p["patches"], p["score_metrics"],
           params_file=str(params))
     return {k: Path(v) for k, v in p.items()}
@@ -91,7 +92,8 @@ def test_missing_patch_store_is_one_line_and_writes_nothing(tmp_path, monkeypatc
     params = _params(tmp_path)
     with pytest.raises(ValueError, match=r"no-such\.arrow") as info:
         train(str(tmp_path / "no-such.arrow"), str(tmp_path / "model"),
-              str(tmp_path / "train.json"), str(tmp_path / "loss.csv"), params_file=str(params))
+              str(tmp_path / "train.json"), str(tmp_path / "loss.csv"),
+              str(tmp_path / "dynamics.parquet"), params_file=str(params))
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
@@ -103,6 +105,7 @@ def test_missing_patch_store_is_one_line_and_writes_nothing(tmp_path, monkeypatc
     ("evaluate", {"n_reconstructions": 0}, "n_reconstructions must be an integer >= 1"),
     ("train", {"max_iter": "abc"}, r"params.yaml: train: max_iter"),
     ("train", {"max_iter": None}, r"params.yaml: train: max_iter"),
+    ("train", {"dynamics_every": 0}, r"params.yaml: train.dynamics_every must be an integer"),
 ])
 def test_bad_settings_fail_before_writing(two_runs, tmp_path, monkeypatch, section, change,
                                          message):
@@ -116,11 +119,10 @@ def test_bad_settings_fail_before_writing(two_runs, tmp_path, monkeypatch, secti
     with pytest.raises(ValueError, match=message):
         if section == "train":
             train(str(run["patches"]), str(out / "model"), str(out / "t.json"),
-                  str(out / "loss.csv"), params_file=str(params))
+                  str(out / "loss.csv"), str(out / "d.parquet"), params_file=str(params))
         else:
-            evaluate(str(run["model"]), str(run["patches"]), *(str(out / f"{i}") for i in
-                                                                range(7)),
-                     params_file=str(params))
+            evaluate(str(run["model"]), str(run["patches"]), str(run["dynamics"]),
+                     *(str(out / f"{i}") for i in range(8)), params_file=str(params))
     assert not out.exists()
 
 
@@ -134,9 +136,8 @@ def test_empty_heldout_split_is_named(two_runs, tmp_path, monkeypatch):
     patches(str(two_runs[0]["images"]), str(store), str(tmp_path / "t.safetensors"),
             params_file=str(params))
     with pytest.raises(ValueError, match="'heldout' split is empty"):
-        evaluate(str(two_runs[0]["model"]), str(store), *(str(tmp_path / f"o{i}")
-                                                         for i in range(7)),
-                 params_file=str(params))
+        evaluate(str(two_runs[0]["model"]), str(store), str(two_runs[0]["dynamics"]),
+                 *(str(tmp_path / f"o{i}") for i in range(8)), params_file=str(params))
 
 
 def test_mlflow_runs_across_stages(two_runs, tmp_path, monkeypatch):
@@ -156,19 +157,24 @@ def test_mlflow_runs_across_stages(two_runs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copy(two_runs[0]["patches"], tmp_path / "p.arrow")
     params = _params(tmp_path)
-    train("./p.arrow", "model", "train.json", "loss.csv", params_file=str(params))
-    outs = [f"o{i}.png" if i != 1 else "units.parquet" for i in range(7)]
+    train("./p.arrow", "model", "train.json", "loss.csv", "dynamics.parquet",
+          params_file=str(params))
+    outs = [f"o{i}.png" if i != 1 else "units.parquet" for i in range(8)]
     outs[0] = "sparsity.json"
     outs[4] = "rho.csv"
-    evaluate("model", "./p.arrow", *outs, params_file=str(params))
+    evaluate("model", "./p.arrow", "dynamics.parquet", *outs, params_file=str(params))
     changed = _params(tmp_path, evaluate={"n_reconstructions": 3})
-    evaluate("model", "p.arrow", *outs, params_file=str(changed))
+    evaluate("model", "p.arrow", "dynamics.parquet", *outs, params_file=str(changed))
     c = tracking.client()
     exp = c.get_experiment_by_name("saeflow")
     first, second = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     assert first.data.tags["saeflow.stages"] == "train,evaluate"
     assert first.data.tags["dvc.md5:p.arrow"] == md5_file(tmp_path / "p.arrow")
     assert "sparsity/fvu" in first.data.metrics and "train/loss" in first.data.metrics
+    assert "train/dynamics.parquet" in {a.path for a in c.list_artifacts(first.info.run_id,
+                                                                         "train")}
+    assert "sparsity/o7.png" in {a.path for a in c.list_artifacts(first.info.run_id,
+                                                                  "sparsity")}
     assert second.info.status == "FINISHED" and second.data.tags["saeflow.stages"] == "evaluate"
     assert second.data.tags["saeflow.trained_in"] == first.info.run_id
     assert second.data.tags["git.commit"] and second.data.params["evaluate.n_reconstructions"] \
@@ -191,7 +197,8 @@ def test_train_refuses_a_model_path_holding_user_files_before_fitting(two_runs, 
     with pytest.raises(ValueError, match=r"results: exists and is not a saeflow model folder "
                        r"\(it holds notes.txt, sub\); nothing was written"):
         train(str(two_runs[0]["patches"]), str(results), str(tmp_path / "t.json"),
-              str(tmp_path / "loss.csv"), params_file=str(params))
+              str(tmp_path / "loss.csv"), str(tmp_path / "d.parquet"), params_file=str(params))
     assert sorted(p.name for p in results.rglob("*")) == ["notes.txt", "sub"]
     assert (results / "notes.txt").read_text() == "my notes"
     assert not (tmp_path / "t.json").exists() and not (tmp_path / "loss.csv").exists()
+    assert not (tmp_path / "d.parquet").exists()

@@ -248,7 +248,8 @@ def test_requests_without_credentials_are_refused(team, repro):
     assert done.returncode == 1
     assert "FAIL" in done.stdout and "credentials" in done.stdout
     stage = run([BIN / "saeflow", "stage", "train", "--patches", "data/patches.arrow",
-                 "--model", "m2", "--train-metrics", "t2.json", "--loss-csv", "l2.csv"],
+                 "--model", "m2", "--train-metrics", "t2.json", "--loss-csv", "l2.csv",
+                 "--dynamics", "d2.parquet"],
                 repro["root"], env, check=False)
     assert stage.returncode != 0 and "Traceback" not in stage.stderr
     assert "401" in stage.stderr or "credentials" in stage.stderr, stage.stderr

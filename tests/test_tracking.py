@@ -135,8 +135,9 @@ def test_a_failed_fit_leaves_a_failed_run_and_no_outputs(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {
         "n_components": 8, "solver": "adam", "learning_rate": 1e6, "max_iter": 3}}))
     with pytest.raises(FloatingPointError, match="loss became"):
-        train("patches.arrow", "model", "train.json", "loss.csv")
-    assert not any((tmp_path / p).exists() for p in ("model", "train.json", "loss.csv"))
+        train("patches.arrow", "model", "train.json", "loss.csv", "dynamics.parquet")
+    assert not any((tmp_path / p).exists() for p in ("model", "train.json", "loss.csv",
+                                                     "dynamics.parquet"))
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     runs = c.search_runs([c.get_experiment_by_name("saeflow").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]

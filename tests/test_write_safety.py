@@ -132,7 +132,7 @@ def test_a_link_to_saeflow_output_is_replaced_not_written_through(project, monke
     link.parent.mkdir(exist_ok=True)
     link.symlink_to(cached)
     train(PATHS["patches"], "user/model-for-link", str(link.relative_to(project)),
-          "user/loss-for-link.csv")
+          "user/loss-for-link.csv", "user/dynamics-for-link.parquet")
     assert not link.is_symlink() and link.read_bytes() != b""
     assert cached.read_bytes() == original
 
@@ -168,13 +168,15 @@ COMMANDS = [
     ("stage patches", ["stage", "patches", "--images", PATHS["images"], "--patches",
                        "user/folder", "--transform", "t.safetensors"], "is a folder"),
     ("stage train", ["stage", "train", "--patches", PATHS["patches"], "--model", "user",
-                     "--train-metrics", "m.json", "--loss-csv", "l.csv"],
+                     "--train-metrics", "m.json", "--loss-csv", "l.csv", "--dynamics",
+                     "d.parquet"],
      "exists and is not a saeflow model folder"),
     ("stage evaluate", ["stage", "evaluate", "--model", PATHS["model"], "--patches",
-                        PATHS["patches"], "--sparsity-metrics", "a.json", "--units",
+                        PATHS["patches"], "--dynamics", PATHS["dynamics"],
+                        "--sparsity-metrics", "a.json", "--units",
                         "u.parquet", "--filters-png", "f.png", "--rho-hat-png", "f.png",
                         "--rho-hat-csv", "r.csv", "--loss-png", "l.png",
-                        "--reconstructions-png", "rc.png"],
+                        "--reconstructions-png", "rc.png", "--dynamics-png", "dy.png"],
      "output rho_hat_png is the same file as output filters_png"),
     ("stage score", ["stage", "score", "--model", PATHS["model"], "--labeled",
                      PATHS["labeled"], "--transform", PATHS["transform"], "--patches",
@@ -219,7 +221,7 @@ def test_an_output_in_a_read_only_folder_is_refused_before_the_work(project, pre
     locked.mkdir(exist_ok=True)
     argv = {"stage train": ["stage", "train", "--patches", str(project / PATHS["patches"]),
                             "--model", str(locked / "m"), "--train-metrics", "m.json",
-                            "--loss-csv", "l.csv"],
+                            "--loss-csv", "l.csv", "--dynamics", "d.parquet"],
             "exercise": ["exercise", "--out", str(locked / "ex"), "--iterations", "2"]}[command]
     from support import BIN
 
@@ -277,10 +279,11 @@ def test_a_read_only_store_is_read_by_audit_and_report_and_refused_by_train(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("SAEFLOW_TRACKING", raising=False)
     out = tmp_path / "outputs"
-    train(PATHS["patches"], str(out / "model"), str(out / "t.json"), str(out / "l.csv"))
-    evaluate(str(out / "model"), PATHS["patches"], str(out / "s.json"), str(out / "u.parquet"),
-             str(out / "f.png"), str(out / "h.png"), str(out / "r.csv"), str(out / "l.png"),
-             str(out / "rc.png"))
+    train(PATHS["patches"], str(out / "model"), str(out / "t.json"), str(out / "l.csv"),
+          str(out / "d.parquet"))
+    evaluate(str(out / "model"), PATHS["patches"], str(out / "d.parquet"), str(out / "s.json"),
+             str(out / "u.parquet"), str(out / "f.png"), str(out / "h.png"), str(out / "r.csv"),
+             str(out / "l.png"), str(out / "rc.png"), str(out / "dy.png"))
     (store / "mlflow.db.lock").unlink()
     env = clean_env(MLFLOW_TRACKING_URI=uri, **prefect_server)
     before = tree(store)
@@ -294,7 +297,8 @@ def test_a_read_only_store_is_read_by_audit_and_report_and_refused_by_train(
         report = saeflow("report", "--out", str(tmp_path / "report.html"))
         stage = saeflow("stage", "train", "--patches", PATHS["patches"], "--model",
                         str(tmp_path / "m"), "--train-metrics", str(tmp_path / "t.json"),
-                        "--loss-csv", str(tmp_path / "l.csv"))
+                        "--loss-csv", str(tmp_path / "l.csv"), "--dynamics",
+                        str(tmp_path / "d.parquet"))
     finally:
         store.chmod(0o755)
     assert audit.returncode == 0 and audit.stderr == "", audit.stderr
