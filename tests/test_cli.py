@@ -83,7 +83,7 @@ def test_import_does_not_load_torch(python, subprocess_env, repo_root):
     instant: they import none of the heavy libraries."""
     code = ("import flows.cli, sys; p = flows.cli.build_parser(); p.format_help(); "
             "p.parse_args(['stage', 'train', '--patches', 'a', '--model', 'b', "
-            "'--train-metrics', 'c', '--loss-csv', 'd']); "
+            "'--train-metrics', 'c', '--loss-csv', 'd', '--dynamics', 'e']); "
             f"print(*[m in sys.modules for m in {HEAVY!r}])")
     proc = subprocess.run([python, "-c", code], cwd=repo_root, env=subprocess_env,
                           capture_output=True, text=True, timeout=60)
