@@ -21,11 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	# three test processes, each module whole in one of them (its tests run in order; the
-	# scheduler in tests/conftest.py, which also keeps the modules that start many
-	# processes in one): most tests wait on servers and subprocesses, and with two the two
-	# cores were busy 1.5 of the time on average (27 CPU-minutes in 17.5 minutes)
-	$(PY) -m pytest -q -n 3 --dist loadfile --durations=25
+	# two test processes, each module whole in one of them (its tests run in order; the
+	# scheduler in tests/conftest.py): most tests wait on servers and subprocesses, so two
+	# overlap on two cores (three were slower: 19.5 against 17.5 minutes)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
