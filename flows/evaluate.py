@@ -32,7 +32,8 @@ def evaluate(model: str, patches: str, dynamics: str, sparsity_metrics: str, uni
     from sae_core.dynamics import read_dynamics
     from sae_core.outputs import PNG, check_paths
     from sae_core.patch_store import read_patch_store
-    from sae_core.stats import SPARSITY_METRICS, UNITS
+    from sae_core.stats import SPARSITY_METRICS
+    from sae_core.units_table import UNITS
 
     c = tracking.client() if tracking_enabled() else None
     params, cfg = read_section(params_file, "evaluate", KEYS)
@@ -121,7 +122,8 @@ def write_evaluation(sae, X, patch_shape: tuple[int, ...], split: str, n_pairs: 
 
     from sae_core import dynamics_plots, plots, tables
     from sae_core.io import write_json
-    from sae_core.stats import SPARSITY_METRICS, sparsity_stats, write_per_unit
+    from sae_core.stats import SPARSITY_METRICS, sparsity_stats
+    from sae_core.units_table import write_per_unit
 
     stats = sparsity_stats(sae, X)
     metrics = {**stats.metrics(), "split": split}

@@ -172,8 +172,8 @@ def report_flow(out: str, run_ids: list[str] | None = None, where: list[str] | N
     from sae_core.outputs import HTML, check_target
     from sae_core.plots import figure_png
     from sae_core.report import RunSummary, write_report
-    from sae_core.stats import read_per_unit
     from sae_core.sweep_plots import sweep_figure, sweep_grid_figure
+    from sae_core.units_table import read_per_unit
 
     check_target(out, HTML)  # before the work; write_report checks again as it writes
     c = tracking.client(create=False)
