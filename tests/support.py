@@ -53,12 +53,21 @@ def copy_project(dest: Path, changes: dict | None = None, env: dict | None = Non
     return dest
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+"""For every process a test starts: torch's CPU ops on one thread. The tests' problems are
+tiny and they run many processes at once on a 2-core machine, where each process's OpenMP
+pool of two threads spins waiting for the other: eight pipelines at once took 160 CPU
+seconds (92 s) with two threads each and 122 (74 s) with one. (The test processes
+themselves: conftest.py.)"""
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without any MLflow, Prefect, saeflow or DVC setting, with the
-    virtual environment first on PATH (DVC runs `saeflow` by name)."""
+    virtual environment first on PATH (DVC runs `saeflow` by name) and :data:`ONE_THREAD`."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "PREFECT_", "SAEFLOW_", "DVC_"))}
     env.update(GIT_ID)
+    env.update(ONE_THREAD)
     env.update({"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"})
     env.update(extra)
     return env
@@ -90,6 +99,14 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
             tail = log.read_text()[-3000:] if log and log.exists() else ""
             raise AssertionError(f"{what}: not ready after {timeout:.0f} s\n{tail}")
         time.sleep(0.25)
+
+
+def seed_prefect_home(home: Path, prefect_db: Path) -> Path:
+    """``home`` (created) holding a copy of the migrated Prefect database ``prefect_db``
+    (the ``prefect_db`` fixture), so that its first server start skips the migrations."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(prefect_db, home / "prefect.db")
+    return home
 
 
 # --- PostgreSQL --------------------------------------------------------------------------

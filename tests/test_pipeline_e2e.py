@@ -172,7 +172,8 @@ def test_queued_experiments_land_in_the_project_store(project):
     before = len(_runs(root))
     for beta in ("1", "0.5"):
         run([str(BIN / "dvc"), "exp", "run", "--queue", "-S", f"train.beta={beta}"], root, env)
-    run([str(BIN / "dvc"), "queue", "start"], root, env)
+    # two queue workers, as a sweep runs them: both write the project's store at once
+    run([str(BIN / "dvc"), "queue", "start", "-j", "2"], root, env)
     deadline = time.time() + 600
     while time.time() < deadline:
         status = run([str(BIN / "dvc"), "queue", "status"], root, env).stdout

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import BIN, clean_env, copy_project, free_port, run, wait_for
+from support import BIN, clean_env, copy_project, free_port, run, seed_prefect_home, wait_for
 
 from flows import servers
 
@@ -116,13 +116,12 @@ def test_concurrent_first_use_starts_one_server(tmp_path):
 
 @pytest.mark.parametrize("content", ["dead", "foreign", "garbled"])
 def test_a_pid_file_of_no_prefect_server_is_replaced_and_never_signalled(tmp_path, monkeypatch,
-                                                                        content):
+                                                                        prefect_db, content):
     """After a reboot, a kill -9 or a start interrupted before Prefect wrote it, the pid
     file names a dead process, an unrelated live one (a reused pid) or nothing; Prefect
     itself would refuse to start ("already running"). saeflow replaces it, and never
     signals the process it names."""
-    home = tmp_path / "home"
-    home.mkdir()
+    home = seed_prefect_home(tmp_path / "home", prefect_db)
     other = subprocess.Popen(["true"] if content == "dead" else ["sleep", "120"])
     if content == "dead":
         other.wait()
@@ -286,12 +285,12 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def test_a_stage_killed_by_sigkill_leaves_only_the_persistent_server(tmp_path):
+def test_a_stage_killed_by_sigkill_leaves_only_the_persistent_server(tmp_path, prefect_db):
     """A stage started with no server running starts the persistent one (that is its
     job); killed with SIGKILL mid-fit, it leaves nothing else behind, and the server left
     is the recorded one, which the next stage reuses."""
     project = copy_project(tmp_path / "p", {"train": {"max_iter": 100_000}}, git=False)
-    home = tmp_path / "home"
+    home = seed_prefect_home(tmp_path / "home", prefect_db)
     env = clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_API_PORT=str(free_port()),
                     SAEFLOW_TRACKING="0")
     run([BIN / "saeflow", "stage", "ingest", "--images", "i.parquet", "--images-manifest",
