@@ -8,7 +8,11 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# pip byte-compiles what it installs on one core; compileall on every core does the same
+	# (166 against 205 s here). As with pip, a file this Python cannot compile (torch ships
+	# a Python 3.12-only test file) is skipped, hence the `|| true`.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -e ".[dev]"
+	$(PY) -m compileall -qq -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
 	touch $(STAMP)
 
 # the environment alone (.venv with the project installed)

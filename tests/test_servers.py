@@ -285,20 +285,24 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def test_a_stage_killed_by_sigkill_leaves_only_the_persistent_server(tmp_path, prefect_db):
+def test_a_stage_killed_by_sigkill_leaves_only_the_persistent_server(tmp_path, prefect_db,
+                                                                     monkeypatch):
     """A stage started with no server running starts the persistent one (that is its
     job); killed with SIGKILL mid-fit, it leaves nothing else behind, and the server left
     is the recorded one, which the next stage reuses."""
+    from flows.ingest import ingest
+    from flows.patches import patches
+
     project = copy_project(tmp_path / "p", {"train": {"max_iter": 100_000}}, git=False)
     home = seed_prefect_home(tmp_path / "home", prefect_db)
     env = clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_API_PORT=str(free_port()),
                     SAEFLOW_TRACKING="0")
-    run([BIN / "saeflow", "stage", "ingest", "--images", "i.parquet", "--images-manifest",
-         "i.json"], project, env, timeout=300)
-    run([BIN / "saeflow", "stage", "patches", "--images", "i.parquet", "--patches", "p.arrow",
-         "--transform", "t.safetensors"], project, env, timeout=300)
-    server_pid = int((home / "server.pid").read_text())
-    run([BIN / "saeflow", "server", "stop"], project, env, timeout=120)  # the stage starts it
+    with monkeypatch.context() as here:  # the train stage's input, made in this process
+        here.chdir(project)
+        here.setenv("SAEFLOW_TRACKING", "0")
+        ingest("i.parquet", "i.json")
+        patches("i.parquet", "p.arrow", "t.safetensors")
+    assert not (home / "server.pid").exists()  # the train stage starts it
     marker = f"SAEFLOW_TEST_MARK={tmp_path.name}"
     log = tmp_path / "train.log"
     try:
