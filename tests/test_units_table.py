@@ -6,21 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from activations import HAND_A, stats_of
 
 from sae_core import units_table
-from sae_core.stats import SparsityAccumulator
 from sae_core.units_table import PER_UNIT_COLUMNS, read_per_unit, write_per_unit
 
-HAND_A = np.array([[0.0, 0.0005], [0.6, 0.002], [0.9, 0.0]])
-"""Three examples of two units (the hand-computed case of test_stats)."""
-
-
-def stats_of(A, **result_kw):
-    """The statistics of activations A (m, s), with zero inputs and reconstructions."""
-    A = np.asarray(A, dtype=np.float64)
-    acc = SparsityAccumulator(A.shape[1], 1, fire_threshold=1e-3)
-    acc.update(A, np.zeros((A.shape[0], 1)), np.zeros((A.shape[0], 1)))
-    return acc.result(**result_kw)
 
 def test_per_unit_parquet_round_trip_and_identical_bytes(tmp_path):
     import pyarrow.parquet as pq
