@@ -260,6 +260,17 @@ class SAEConfig:
         return "zero" if self.penalty == "kl" else "mean"
 
     @property
+    def effective_weight_decay(self) -> float:
+        """lambda of the objective: ``weight_decay`` for Ng's model (KL), 0 for L1/TopK.
+
+        Weight decay is Ng's alone. L1/TopK: the loss does not depend on the norms of
+        W2's columns (the decoder is W2 / ||W2||), and decaying the encoder kills latents
+        under Adam: a latent the selection leaves out gets no gradient but lambda W1_j,
+        which Adam scales to full-size steps towards 0, so it never wins again (51 of 256
+        dead at 64-256, k=8, against none without; benchmarks/penalties.py)."""
+        return self.weight_decay if self.penalty == "kl" else 0.0
+
+    @property
     def memory_budget_bytes(self) -> int:
         return parse_bytes(self.memory_budget)
 

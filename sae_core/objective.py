@@ -68,13 +68,8 @@ def loss_terms(
         X_hat = torch.sigmoid(X_hat)
     zero = X.new_zeros((), dtype=torch.float64)
     recon = P.reconstruction_error(X_hat, X)
-    # weight decay is Ng's (KL) alone. L1/TopK: the loss does not depend on the norms of
-    # W2's columns (the decoder is W2 / ||W2||), and decaying the encoder kills latents
-    # under Adam: a latent the selection leaves out gets no gradient but lambda W1_j,
-    # which Adam scales to full-size steps towards 0, so it never wins again (51 of 256
-    # dead at 64-256, k=8, against none without; benchmarks/penalties.py)
-    if config.penalty == "kl":
-        decay = P.weight_decay_term(config.weight_decay, p.W1, p.W2)
+    if config.effective_weight_decay:
+        decay = P.weight_decay_term(config.effective_weight_decay, p.W1, p.W2)
     else:
         decay = zero
     if config.penalty == "kl":
@@ -95,10 +90,14 @@ class AutogradObjective:
 
     For TopK with AuxK on a full batch, a unit is dead when it fired on no example of X
     in the previous evaluation; pass ``dead`` explicitly for mini-batch training.
+    ``decay_in_optimizer``: the gradient leaves out weight decay's lambda W (the loss
+    and its terms keep it), for an optimizer that adds it itself (see
+    :func:`make_objective`).
     """
 
-    def __init__(self, config: SAEConfig) -> None:
+    def __init__(self, config: SAEConfig, decay_in_optimizer: bool = False) -> None:
         self.config = config
+        self.decay_in_optimizer = decay_in_optimizer
 
     def close(self) -> None:
         """Nothing to release (the fused objective's counterpart frees buffers)."""
@@ -114,7 +113,12 @@ class AutogradObjective:
                 dead = ~(A0 > FIRE_THRESHOLD).any(dim=0)
         with bf16_autocast(self.config.precision, X.device):
             terms, A = loss_terms(th, X, self.config, dead)
-        terms.total.backward()
+        if self.decay_in_optimizer:
+            # the other terms' sum, not total - decay: the decay's gradient would be
+            # added and taken away again, which need not cancel to the bit
+            (terms.reconstruction + terms.sparsity + terms.auxiliary).backward()
+        else:
+            terms.total.backward()
         stacked = torch.stack(
             [terms.reconstruction, terms.weight_decay, terms.sparsity, terms.auxiliary]
         ).detach()
@@ -243,6 +247,8 @@ class FusedKLObjective:
         dW2 = delta3 A^T / m + lambda W2,   db2 = sum_i delta3_i / m
         dW1 = delta2 X / m + lambda W1,     db1 = sum_i delta2_i / m
 
+    (without the lambda terms under ``decay_in_optimizer``, see :func:`make_objective`).
+
     Two evaluations, by the size of the data:
 
     - **Full batches on the CPU** (the exercise's L-BFGS; at least 1.5 blocks of
@@ -270,12 +276,14 @@ class FusedKLObjective:
 
     BLOCK_COLUMNS = 5000
 
-    def __init__(self, config: SAEConfig, workers: int = 1, reuse_grad: bool = False) -> None:
+    def __init__(self, config: SAEConfig, workers: int = 1, reuse_grad: bool = False,
+                 decay_in_optimizer: bool = False) -> None:
         if config.penalty != "kl":
             raise ValueError(f"FusedKLObjective needs penalty='kl'; got {config.penalty!r}")
         self.config = config
         self.workers = max(1, int(workers))
         self.reuse_grad = reuse_grad
+        self.decay_in_optimizer = decay_in_optimizer
         self._grad: torch.Tensor | None = None
         self._source: torch.Tensor | None = None
         self._source_version = -1
@@ -289,7 +297,8 @@ class FusedKLObjective:
     def __getstate__(self) -> dict:
         # never pickle the cached data copy, its buffers or the thread pool
         return {"config": self.config, "workers": self.workers,
-                "reuse_grad": self.reuse_grad, "_grad": None, "_source": None,
+                "reuse_grad": self.reuse_grad, "decay_in_optimizer": self.decay_in_optimizer,
+                "_grad": None, "_source": None,
                 "_source_version": -1, "_parts": [], "_pool": [], "_finalizer": None,
                 "_lanes": 1, "_weight_buffers": None, "_block_cache": {}}
 
@@ -409,11 +418,12 @@ class FusedKLObjective:
         g = grad.numpy()
         inv_m = 1.0 / m
         gW1 = g[:sn].reshape(s, n)
-        np.multiply(G1[:, :n], inv_m, out=gW1)
-        gW1 += lam * W1
         gW2 = g[sn : 2 * sn].reshape(n, s)
+        np.multiply(G1[:, :n], inv_m, out=gW1)
         np.multiply(G2T[:s].T, inv_m, out=gW2)
-        gW2 += lam * W2
+        if not self.decay_in_optimizer:
+            gW1 += lam * W1
+            gW2 += lam * W2
         np.multiply(G1[:, n], inv_m, out=g[2 * sn : 2 * sn + s])
         np.multiply(G2T[s], inv_m, out=g[2 * sn + s :])
 
@@ -456,7 +466,10 @@ class FusedKLObjective:
             dW1 = D2^T X / m + lambda W1             (s, n)
 
         so that a step costs the five products and a few passes over (m, s) and
-        (m, n) arrays, nothing over the weights but Adam's own update. The work
+        (m, n) arrays. With ``decay_in_optimizer`` the decay is left to Adam's fused
+        update (``beta=0``: the GEMM neither copies nor reads a weight matrix), which
+        reads the weights anyway: nothing then passes over the weights but the decay's
+        value and Adam's own update. The work
         arrays are kept between calls of the same m (fresh ones cost page faults)."""
         cfg = self.config
         m, n = X.shape
@@ -480,11 +493,12 @@ class FusedKLObjective:
 
         grad = self._grad_for(theta)
         g = M.unpack(grad, n, s)
-        torch.addmm(p.W2, D.t(), A, beta=lam, alpha=inv_m, out=g.W2)
+        grad_lam = 0.0 if self.decay_in_optimizer else lam  # lambda W in the gradient
+        torch.addmm(p.W2, D.t(), A, beta=grad_lam, alpha=inv_m, out=g.W2)
         torch.sum(D, dim=0, out=g.b2).mul_(inv_m)
         torch.addmm(sparse_grad, D, p.W2, out=E)
         _sigmoid_backward(E, A, out=E)  # delta2
-        torch.addmm(p.W1, E.t(), X, beta=lam, alpha=inv_m, out=g.W1)
+        torch.addmm(p.W1, E.t(), X, beta=grad_lam, alpha=inv_m, out=g.W1)
         torch.sum(E, dim=0, out=g.b1).mul_(inv_m)
 
         recon = 0.5 * sq * inv_m
@@ -532,13 +546,20 @@ def weight_decay_value(theta: torch.Tensor, n: int, s: int, weight_decay: float)
     return 0.5 * weight_decay * rows.double().square().sum()
 
 
-def make_objective(config: SAEConfig, workers: int = 1,
-                   reuse_grad: bool = False) -> AutogradObjective | FusedKLObjective:
+def make_objective(config: SAEConfig, workers: int = 1, reuse_grad: bool = False,
+                   decay_in_optimizer: bool = False) -> AutogradObjective | FusedKLObjective:
     """The fastest exact objective for ``config``: fused for KL (evaluated on ``workers``
     threads; ``reuse_grad``: one gradient tensor for every call, for a caller that
     consumes each gradient before the next call, as Adam does), autograd otherwise (and
     under bf16 autocast, which the fused kernels' preallocated float32 buffers do not
-    take)."""
+    take).
+
+    ``decay_in_optimizer``: the gradient is that of J minus the decay term, (lambda/2)
+    (||W1||^2 + ||W2||^2); the caller's optimizer adds lambda W1, lambda W2 itself, as
+    torch's Adam does with ``weight_decay=lambda`` on the weights alone (L2, not AdamW's
+    decoupled decay: the same update as with the full gradient). The loss and its terms
+    are J's in full either way."""
     if config.penalty == "kl" and config.precision != "bf16":
-        return FusedKLObjective(config, workers=workers, reuse_grad=reuse_grad)
-    return AutogradObjective(config)
+        return FusedKLObjective(config, workers=workers, reuse_grad=reuse_grad,
+                                decay_in_optimizer=decay_in_optimizer)
+    return AutogradObjective(config, decay_in_optimizer=decay_in_optimizer)

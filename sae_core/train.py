@@ -24,6 +24,7 @@ from sae_core import io
 from sae_core.batches import InMemoryBatches, StreamedBatches, epoch_order
 from sae_core.config import SAEConfig
 from sae_core.device import check_precision, matmul_precision, resolve_device, resolve_dtype
+from sae_core.flat_adam import FlatAdam
 from sae_core.lbfgs import LBFGS, LBFGSState
 from sae_core.model import init_theta, set_pre_bias
 from sae_core.objective import TERM_NAMES, Evaluation, make_objective
@@ -164,11 +165,9 @@ class Trainer:
         self.stop_reason: str | None = None
         self.fingerprint: str | None = None
         self._fingerprint_memo: tuple[tuple[int, int], str] | None = None
-        # Adam's objective: each gradient is consumed by the step before the next call
-        self._objective = make_objective(config, reuse_grad=True)
+        self._objective = self._adam_objective()
         self._lbfgs: LBFGSState | None = None
-        self._adam: torch.optim.Adam | None = None
-        self._adam_param: torch.Tensor | None = None
+        self._adam: FlatAdam | None = None
         # batch-order RNG as a state tensor (a torch.Generator cannot be pickled)
         self._rng_state = torch.Generator().manual_seed(seed).get_state()
         # examples since each latent last fired (AuxK dead-latent bookkeeping)
@@ -177,7 +176,7 @@ class Trainer:
     def __getstate__(self) -> dict:
         # the objective caches a copy of the training data; never pickle that
         state = self.__dict__.copy()
-        state["_objective"] = make_objective(self.config, reuse_grad=True)
+        state["_objective"] = self._adam_objective()
         state["_fingerprint_memo"] = None
         return state
 
@@ -291,13 +290,16 @@ class Trainer:
             cb.on_fit_end(self)
 
     # ------------------------------------------------------------------ Adam
-    def _ensure_adam(self) -> torch.optim.Adam:
+    def _adam_objective(self):
+        # each gradient is consumed by the step before the next call, and FlatAdam
+        # adds the weight decay's lambda W itself
+        return make_objective(self.config, reuse_grad=True, decay_in_optimizer=True)
+
+    def _ensure_adam(self) -> FlatAdam:
         if self._adam is None:
-            self._adam_param = self.theta.clone().requires_grad_(True)
-            # fused: one pass over the parameters, their gradient and the two moments
-            # per step (the reference implementation makes about ten), on either device
-            self._adam = torch.optim.Adam([self._adam_param], lr=self.config.learning_rate,
-                                          fused=True)
+            cfg = self.config
+            self._adam = FlatAdam(self.theta, 2 * cfg.n_components * self.n_features,
+                                  lr=cfg.learning_rate, weight_decay=cfg.effective_weight_decay)
         return self._adam
 
     def fit_adam(self, X: torch.Tensor | RowSource, epochs: int | None = None) -> None:
@@ -324,7 +326,7 @@ class Trainer:
             self.fingerprint = self.fingerprint_of(X)
         self.init_from_data(X)
         adam = self._ensure_adam()
-        param = self._adam_param
+        param = adam.param
         m = batches.shape[0]
         target = self.iteration + epochs if epochs is not None else cfg.max_iter
         use_dead = cfg.penalty == "topk" and cfg.aux_k is not None
@@ -340,12 +342,11 @@ class Trainer:
                 start = 0
                 for batch in batches.epoch(order, cfg.batch_size):
                     dead = (since_fired >= cfg.dead_window) if use_dead else None
-                    ev = self._objective(param.detach(), batch, dead)
+                    ev = self._objective(param, batch, dead)
                     bad = ~torch.isfinite(ev.loss) & (first_bad < 0)
                     first_bad = torch.where(bad, start, first_bad)
                     bad_loss = torch.where(bad, ev.loss.double(), bad_loss)
-                    param.grad = ev.grad
-                    adam.step()
+                    adam.step(ev.grad)
                     sums += ev.terms.double() * batch.shape[0]
                     if use_dead and ev.fired is not None:
                         since_fired = torch.where(ev.fired, 0, since_fired + batch.shape[0])
@@ -357,7 +358,7 @@ class Trainer:
                         f"example {bad_at}; lower learning_rate (now {cfg.learning_rate:g})"
                     )
                 self.iteration += 1
-                self.theta = param.detach().clone()
+                self.theta = param.clone()
                 self._since_fired = since_fired.cpu()
                 self._record(sums / m)
                 for cb in self.callbacks:
@@ -419,12 +420,12 @@ class Trainer:
                 arrays[f"lbfgs.{k}"] = v.detach().cpu().numpy()
             meta["solver_state"] = {"lbfgs": self._lbfgs.scalars()}
         if self._adam is not None:
-            st = self._adam.state.get(self._adam_param, {})
-            if st:
-                arrays["adam.exp_avg"] = st["exp_avg"].detach().cpu().numpy()
-                arrays["adam.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().numpy()
-                meta["solver_state"] = {"adam": {"step": float(st["step"])}}
-            arrays["adam.param"] = self._adam_param.detach().cpu().numpy()
+            moments, step = self._adam.state()
+            if step is not None:
+                for key, value in moments.items():
+                    arrays[f"adam.{key}"] = value.cpu().numpy()
+                meta["solver_state"] = {"adam": {"step": step}}
+            arrays["adam.param"] = self._adam.param.cpu().numpy()
         return arrays, meta
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -452,16 +453,10 @@ class Trainer:
             self._lbfgs = LBFGSState.restore(tensors, solver_state["lbfgs"])
         if "adam.param" in arrays:
             adam = self._ensure_adam()
-            with torch.no_grad():
-                self._adam_param.copy_(tensor("adam.param"))
+            adam.param.copy_(tensor("adam.param"))
             if "adam" in solver_state:
-                adam.state[self._adam_param] = {
-                    # fused Adam keeps its step count as a float32 on the device
-                    "step": torch.tensor(solver_state["adam"]["step"], dtype=torch.float32,
-                                         device=dev),
-                    "exp_avg": tensor("adam.exp_avg"),
-                    "exp_avg_sq": tensor("adam.exp_avg_sq"),
-                }
+                adam.load_state({key: tensor(f"adam.{key}") for key in ("exp_avg", "exp_avg_sq")},
+                                solver_state["adam"]["step"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to one safetensors file, atomically."""

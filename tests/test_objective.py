@@ -263,3 +263,27 @@ def test_l1_and_topk_carry_no_weight_decay(X64, penalty):
     assert float(evs[1].terms[TERM_NAMES.index("weight_decay")]) == 0.0
     assert float(evs[0].loss) == float(evs[1].loss)
     assert torch.equal(evs[0].grad, evs[1].grad)
+
+
+@pytest.mark.parametrize("kind", ["block", "blocked host", "autograd"])
+def test_decay_in_optimizer_leaves_only_lambda_w_out_of_the_gradient(kind):
+    """decay_in_optimizer (Adam's objective, whose optimizer adds lambda W): the weight
+    gradients lose exactly lambda W, the bias gradients, the loss and its terms are
+    those of J; for the one-block and blocked fused evaluations and autograd."""
+    lam, n, s = 3e-3, 12, 6
+    m = 10_000 if kind == "blocked host" else 300
+    X = torch.rand(m, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    X = X * 0.8 + 0.1
+    cfg = SAEConfig(n_components=s, weight_decay=lam, dtype="float64")
+    theta = _theta(n, s)
+    cls = AutogradObjective if kind == "autograd" else FusedKLObjective
+    full, part = cls(cfg)(theta, X), cls(cfg, decay_in_optimizer=True)(theta, X)
+    if cls is FusedKLObjective:
+        assert FusedKLObjective(cfg)._blocks(X) == (2 if kind == "blocked host" else 1)
+    k = 2 * n * s
+    expected = full.grad[:k] - lam * theta[:k]
+    assert relative_difference(part.grad[:k], expected) < 1e-12
+    assert not torch.allclose(part.grad[:k], full.grad[:k], rtol=1e-6, atol=0)
+    assert torch.equal(part.grad[k:], full.grad[k:])
+    assert float(part.loss) == float(full.loss)
+    assert torch.equal(part.terms, full.terms)
