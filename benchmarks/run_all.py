@@ -145,13 +145,23 @@ def adam_rows(rec: dict) -> list[Row]:
             rows.append(Row(title, target=target, status="unsupported",
                             note=c["unsupported"]))
         else:
-            rows.append(Row(
+            row = Row(
                 title, f"{c['saeflow']['examples_per_s']:,.0f} ex/s",
                 f"{c['matmul']['examples_per_s']:,.0f} ex/s (the 5 GEMMs alone)",
                 c["ratio"], target, c["ratio"] >= c["target"],
-            ))
+            )
+            if "ceiling" in c:  # results written before the floor was measured lack it
+                row.note = (
+                    f"rounds {'/'.join(f'{r:.2f}' for r in c['round_ratios'])}; the floor "
+                    f"(the step's unavoidable kernels: gather, GEMMs, elementwise, fused "
+                    f"Adam) {c['floor']['examples_per_s']:,.0f} ex/s, so no implementation "
+                    f"on torch's kernels exceeds {c['ceiling']:.2f} here; saeflow / floor "
+                    f"{c['saeflow_vs_floor']:.2f}"
+                )
+            rows.append(row)
     if skipped and rows:
-        rows[0].note = f"{len(skipped)} case(s) skipped: {'; '.join(sorted(set(skipped)))}"
+        note = f"{len(skipped)} case(s) skipped: {'; '.join(sorted(set(skipped)))}"
+        rows[0].note = f"{rows[0].note}; {note}" if rows[0].note else note
     return rows
 
 
