@@ -175,7 +175,9 @@ class LBFGS:
         if st.proj.size == 0:
             st.proj = (st.pairs @ st.g).double().cpu().numpy()  # [S g; Y g] by slot
         Sg, Yg = st.proj[slots], st.proj[h + slots]
-        R = np.triu(st.SY)
+        # R = triu(S'Y): LAPACK's trtrs reads only the upper triangle of what it is given,
+        # so S'Y goes in as it is (np.triu's masked copy took a sixth of this function)
+        R = st.SY
         w2, _ = dtrtrs(R, Sg, lower=0)
         # einsum, not YY @ w2: OpenBLAS runs a gemv this size on all its threads, whose
         # spinning afterwards takes the cores from the objective's workers
