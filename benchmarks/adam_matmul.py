@@ -40,9 +40,9 @@ precision: no ``precision`` argument passed), ``precision="tf32"`` and
 tensors). A precision that saeflow does not accept (TypeError or ValueError) is recorded
 as "unsupported". Without CUDA the GPU cases are recorded as skipped, with the reason.
 
-saeflow and the limit each run in a fresh process, alternating, ``--repeats`` times; the
-best rate of each counts. ``--quick``: one round. ``--threads N`` sets torch's CPU
-threads in both (default: torch's own choice, one per core). Run it on an idle machine:
+saeflow, the limit and the floor each run in a fresh process, in turn, ``--repeats``
+times; the best rate of each counts. ``--quick``: one round. ``--threads N`` sets torch's
+CPU threads in all three (default: torch's own choice, one per core). Run it on an idle machine:
 with another process on one of two cores, two-thread BLAS calls run 4-6x slower and the
 numbers mean little (the load averages before and after are recorded). On 2 idle cores
 the default takes about 1.5 minutes.

@@ -104,7 +104,7 @@ class SAEConfig:
     """lambda: weight of (1/2)(||W1||^2 + ||W2||^2), >= 0 (KL only). Biases are not
     decayed. L1 and TopK carry no weight decay: their decoder columns are unit-norm by
     construction, and under Adam a decay of the encoder drives the rows of latents that
-    are not selected to 0 (see :func:`sae_core.objective.loss_terms`)."""
+    are not selected to 0 (see :attr:`effective_weight_decay`)."""
     l1_coefficient: float = 1e-3
     """Weight of the L1 activation penalty, >= 0 (L1 only)."""
     k: int | None = None

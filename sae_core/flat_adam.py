@@ -32,20 +32,18 @@ class FlatAdam:
                  weight_decay: float) -> None:
         self.param = theta.detach().clone()
         self.n_weights = int(n_weights)
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self._build()
+        self._build(float(lr), float(weight_decay))
 
-    def _build(self) -> None:
+    def _build(self, lr: float, weight_decay: float) -> None:
         k = self.n_weights
         # detach() of a slice: a leaf that shares param's memory, so the fused update
         # writes straight into the vector the objective reads
         self._weights = self.param[:k].detach().requires_grad_(True)
         self._biases = self.param[k:].detach().requires_grad_(True)
         self._optimizer = torch.optim.Adam(
-            [{"params": [self._weights], "weight_decay": self.weight_decay},
+            [{"params": [self._weights], "weight_decay": weight_decay},
              {"params": [self._biases], "weight_decay": 0.0}],
-            lr=self.lr, fused=True,  # one pass over parameters, gradient and moments
+            lr=lr, fused=True,  # one pass over parameters, gradient and moments
         )
 
     def step(self, grad: torch.Tensor) -> None:
@@ -80,12 +78,11 @@ class FlatAdam:
 
     def __getstate__(self) -> dict:
         moments, step = self.state()
-        return {"param": self.param, "n_weights": self.n_weights, "lr": self.lr,
-                "weight_decay": self.weight_decay, "moments": moments, "step": step}
+        weights = self._optimizer.param_groups[0]
+        return {"param": self.param, "n_weights": self.n_weights, "lr": weights["lr"],
+                "weight_decay": weights["weight_decay"], "moments": moments, "step": step}
 
     def __setstate__(self, state: dict) -> None:
-        self.param = state["param"]
-        self.n_weights, self.lr = state["n_weights"], state["lr"]
-        self.weight_decay = state["weight_decay"]
-        self._build()
+        self.param, self.n_weights = state["param"], state["n_weights"]
+        self._build(state["lr"], state["weight_decay"])
         self.load_state(state["moments"], state["step"])

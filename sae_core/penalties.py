@@ -33,7 +33,7 @@ def reconstruction_error(X_hat: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 
 def weight_decay_term(weight_decay: float, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
     """(lambda / 2) (||W1||_F^2 + ||W2||_F^2) of Ng's model; biases are not decayed (the
-    L1/TopK models carry no weight decay: :func:`sae_core.objective.loss_terms`)."""
+    L1/TopK models carry no weight decay: ``SAEConfig.effective_weight_decay``)."""
     f64 = torch.float64
     total = (W1 * W1).sum(dtype=f64) + (W2 * W2).sum(dtype=f64)
     return 0.5 * weight_decay * total
